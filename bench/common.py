@@ -1,0 +1,76 @@
+"""What every benchmark shares: device sync, timing, result files and tables.
+
+Each bench/bench_*.py measures its variants side by side in one run, prints a table of ratios and
+writes bench/results/<name>[-small].json with the device it ran on. `--small` runs the CPU fixtures so
+CI can check that the scripts still run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+async def timed(fn: Callable[[], Awaitable[Any]], repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        await fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1000
+
+
+def device_name(device: str) -> str:
+    return (
+        torch.cuda.get_device_name(torch.device(device))
+        if device.startswith("cuda")
+        else platform.processor() or "cpu"
+    )
+
+
+def write_results(
+    name: str, small: bool, meta: dict[str, Any], rows: list[dict[str, Any]], device: str
+) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}{'-small' if small else ''}.json"
+    meta = {
+        "benchmark": name,
+        **meta,
+        "device": device,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in columns))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,1 @@
+"""Luna Stack: one resident copy of CLIP, VAE and UNet per GPU, shared by many ComfyUI instances."""

@@ -1,0 +1,346 @@
+"""The CLIP service: POST /v1/clip/{encode,encode_dual,tokenize}, GET /v1/clip/models.
+
+A request names a model and gives either text (tokenized here, ComfyUI's syntax) or per-encoder token
+chunks with weights (what ComfyUI's own tokenizer produced). Concurrent requests for one model run as
+one forward through the Batcher; per-request LoRA goes through the side path; results are cached in
+Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import math
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from aiohttp import web
+from prometheus_client import Counter
+
+from luna_stack.core.batching import Batcher
+from luna_stack.core.config import Settings
+from luna_stack.core.errors import BadRequest, NotFound, UnknownModel
+from luna_stack.core.lora import LoraCache, Stack, row_groups
+from luna_stack.core.queue import connect
+from luna_stack.core.service import ModelService, Params, Tensors
+from luna_stack.core.tensors import dtype_name
+
+from .bpe import shared_bpe
+from .cache import ConditioningCache, cache_key
+from .conditioning import EncodeJob, encode_jobs
+from .embeddings import EmbeddingStore
+from .encoders import ClipEncoder
+from .models import FOLDERS, ClipModel, load_clip_model
+from .settings import ClipSettings
+from .tokenize import Chunk, chunks_from_ids, chunks_to_json, tokenize
+
+OPS = ("encode", "encode_dual", "tokenize")
+SIZE_KEYS = {
+    "width": 1024,
+    "height": 1024,
+    "crop_w": 0,
+    "crop_h": 0,
+    "target_width": 1024,
+    "target_height": 1024,
+}
+_COMPONENT = {"l": "clip_l", "g": "clip_g"}
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """A request's CLIP LoRA stack: compared by (file content hash, strength), adapters per encoder."""
+
+    key: tuple[tuple[str, float], ...]
+    per_encoder: dict[str, Stack] = field(compare=False, hash=False, default_factory=dict)
+
+
+class ClipService(ModelService):
+    kind = "clip"
+    default_port = 8101
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.cfg = settings.of(ClipSettings)
+        self.loaded: dict[str, ClipModel] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
+        self.embeddings = EmbeddingStore(root / "embeddings" for root in self.roots.roots)
+        self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
+        self._lora_hashes: dict[str, tuple[int, int, str]] = {}
+        self.cache: ConditioningCache | None = None
+        self.cache_lookups = Counter(
+            "luna_clip_cache_lookups_total",
+            "Conditioning cache lookups by result",
+            ["result"],
+            registry=self.metrics.registry,
+        )
+        self.batcher: Batcher[EncodeJob, tuple[torch.Tensor, torch.Tensor]] = Batcher(
+            "clip",
+            self._run_batch,
+            self.executor,
+            max_rows=self.cfg.max_batch,
+            max_delay_ms=self.cfg.max_delay_ms,
+            metrics=self.metrics,
+        )
+
+    # -- models ---------------------------------------------------------------------------------------
+    def _canonical(self, name: str) -> str:
+        """One name per file set: resolved paths, relative to their root, '+'-joined in sorted order."""
+        parts = []
+        for part in name.split("+"):
+            path = self.roots.resolve(part.strip(), FOLDERS)
+            root = next(r for r in self.roots.roots if r in path.parents)
+            parts.append(path.relative_to(root).as_posix())
+        return "+".join(sorted(parts))
+
+    async def model(self, name: Any) -> ClipModel:
+        if not name:
+            if len(self.loaded) == 1:
+                return next(iter(self.loaded.values()))
+            raise BadRequest(
+                "params.model is required", hint=f"available: {', '.join(self.available()[:20])}"
+            )
+        if not isinstance(name, str):
+            raise BadRequest("params.model must be a string")
+        key = self._canonical(name)
+        if key in self.loaded:
+            return self.loaded[key]
+        if not self.cfg.load_on_demand:
+            raise UnknownModel(f"CLIP model {name!r} is not loaded and load_on_demand is off")
+        async with self._loading.setdefault(key, asyncio.Lock()):
+            if key not in self.loaded:
+                self.loaded[key] = await self.executor.run(
+                    functools.partial(load_clip_model, key, self.roots, device=self.device, dtype=self.dtype)
+                )
+        return self.loaded[key]
+
+    def available(self) -> list[str]:
+        return [f"checkpoints/{n}" for n in self.roots.list(["checkpoints"])] + [
+            f"clip/{n}" for n in self.roots.list(["clip"])
+        ]
+
+    def models(self) -> list[dict[str, Any]]:
+        return [
+            {**m.describe(), "dtype": dtype_name(self.dtype), "device": str(self.device)}
+            for m in self.loaded.values()
+        ]
+
+    async def startup(self) -> None:
+        if self.settings.core.redis_url:
+            redis = connect(self.settings.core.redis_url)
+            self.lora_cache.redis = redis  # adapter metadata, LRU and hit counts for every replica
+            if self.cfg.cache:
+                self.cache = ConditioningCache(redis, self.cfg.cache_ttl_s)
+        for name in self.cfg.preload:
+            await self.model(name)
+
+    async def shutdown(self) -> None:
+        await self.batcher.close()
+        if self.lora_cache.redis is not None:
+            await self.lora_cache.redis.aclose()
+        await super().shutdown()
+
+    # -- request parsing --------------------------------------------------------------------------------
+    def _tokenize_text(self, model: ClipModel, part: Params) -> tuple[dict[str, list[Chunk]], list[str]]:
+        warnings: list[str] = []
+        texts = {spec.key: part.get(f"text_{spec.key}", part.get("text")) for spec in model.specs}
+        for key, text in texts.items():
+            if not isinstance(text, str):
+                raise BadRequest(f"give params.text (or text_{key}) as a string, or params.tokens")
+        bpe = shared_bpe()
+        chunks = {
+            spec.key: tokenize(texts[spec.key], spec, bpe, self.embeddings, warnings, self.cfg.max_chunks)
+            for spec in model.specs
+        }
+        if model.family == "sdxl" and len(chunks["l"]) != len(chunks["g"]):
+            # CLIPTextEncodeSDXL: pad the shorter side with empty-prompt chunks.
+            for spec in model.specs:
+                (empty,) = tokenize("", spec, bpe, None, warnings, 1)
+                chunks[spec.key] += [
+                    list(empty) for _ in range(max(map(len, chunks.values())) - len(chunks[spec.key]))
+                ]
+        return chunks, list(dict.fromkeys(warnings))
+
+    async def _chunks(self, model: ClipModel, part: Params) -> tuple[dict[str, list[Chunk]], list[str]]:
+        tokens = part.get("tokens")
+        if tokens is None:
+            return await asyncio.to_thread(self._tokenize_text, model, part)
+        if not isinstance(tokens, dict):
+            raise BadRequest(
+                'params.tokens must be an object like {"l": [[[id, weight], ...], ...], "g": ...}'
+            )
+        missing = [spec.key for spec in model.specs if spec.key not in tokens]
+        if missing:
+            raise BadRequest(f"params.tokens lacks {', '.join(missing)} for a {model.family} model")
+        return {s.key: chunks_from_ids(tokens[s.key], s, self.cfg.max_chunks) for s in model.specs}, []
+
+    @staticmethod
+    def _clip_skip(params: Params) -> int | None:
+        value = params.get("clip_skip")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value >= 0:
+            raise BadRequest(
+                f"clip_skip must be a negative integer, got {value!r}",
+                hint="-1 = last layer, -2 = penultimate (ComfyUI's CLIPSetLastLayer)",
+            )
+        return value
+
+    def _lora_digest(self, path: str) -> str:
+        """sha256 of a LoRA file, remembered against its size and mtime."""
+        st = os.stat(path)
+        known = self._lora_hashes.get(path)
+        if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
+            with open(path, "rb") as f:
+                known = (st.st_size, st.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest())
+            self._lora_hashes[path] = known
+        return known[2]
+
+    async def _lora_files(self, params: Params) -> list[tuple[str, float]]:
+        raw = params.get("lora") or []
+        if not isinstance(raw, list):
+            raise BadRequest('params.lora must be a list like [{"name": "x.safetensors", "strength": 0.8}]')
+        files = []
+        for item in raw:
+            name = item.get("name") if isinstance(item, dict) else None
+            strength = item.get("strength", 1.0) if isinstance(item, dict) else None
+            if (
+                not isinstance(name, str)
+                or isinstance(strength, bool)
+                or not isinstance(strength, int | float)
+            ):
+                raise BadRequest(
+                    f"invalid LoRA entry {item!r}", hint='{"name": "x.safetensors", "strength": 1.0}'
+                )
+            if not math.isfinite(strength):
+                raise BadRequest(f"LoRA {name}: strength must be finite")
+            path = self.roots.resolve(name, ["loras"])
+            if strength != 0:
+                files.append((str(path), float(strength)))
+        return files
+
+    async def _lora_stack(self, model: ClipModel, files: list[tuple[str, float]]) -> LoraStack:
+        if not files:
+            return LoraStack(())
+        digests = [await asyncio.to_thread(self._lora_digest, path) for path, _ in files]
+        for path, _ in files:  # loads (or touches) the adapter and records it in Redis
+            await self.lora_cache.aget(path, self.executor.run)
+        per_encoder: dict[str, Stack] = {}
+        for key, enc in model.encoders.items():
+            adapters = [
+                await self.executor.run(self.lora_cache.resolve, path, enc.model, _COMPONENT[key])
+                for path, _ in files
+            ]
+            per_encoder[key] = tuple((a, s) for a, (_, s) in zip(adapters, files, strict=True) if a.factors)
+        return LoraStack(tuple((d, s) for d, (_, s) in zip(digests, files, strict=True)), per_encoder)
+
+    # -- operations -------------------------------------------------------------------------------------
+    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
+        if op not in OPS:
+            raise NotFound(f"unknown CLIP operation {op!r}", hint=f"one of {', '.join(OPS)}")
+        model = await self.model(params.get("model"))
+        if op == "tokenize":
+            chunks, warnings = await self._chunks(model, params)
+            return {}, {
+                "model": model.name,
+                "tokens": {k: chunks_to_json(v) for k, v in chunks.items()},
+                "warnings": warnings,
+            }
+        clip_skip = self._clip_skip(params)
+        lora_files = await self._lora_files(params)
+        out_params: Params = {"model": model.name, "family": model.family, **self._size_params(params)}
+        if op == "encode":
+            cond, pooled, info = await self._encode(model, params, clip_skip, lora_files, client)
+            return {"cond": cond, "pooled": pooled}, {**out_params, **info}
+        sides = {}
+        for side in ("positive", "negative"):
+            if not isinstance(params.get(side), dict):
+                raise BadRequest(f"encode_dual needs params.{side} as an object with text or tokens")
+        results = await asyncio.gather(
+            *(
+                self._encode(model, params[side], clip_skip, lora_files, client)
+                for side in ("positive", "negative")
+            )
+        )
+        out: Tensors = {}
+        for side, (cond, pooled, info) in zip(("positive", "negative"), results, strict=True):
+            out[f"{side}_cond"], out[f"{side}_pooled"] = cond, pooled
+            sides[side] = info
+        return out, {**out_params, **sides}
+
+    @staticmethod
+    def _size_params(params: Params) -> Params:
+        """CLIPTextEncodeSDXL's size conditioning, passed through (its defaults for keys not given)."""
+        if not any(k in params for k in SIZE_KEYS):
+            return {}
+        sizes = {k: params.get(k, default) for k, default in SIZE_KEYS.items()}
+        for k, v in sizes.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise BadRequest(f"params.{k} must be a non-negative integer")
+        return sizes
+
+    async def _encode(
+        self,
+        model: ClipModel,
+        part: Params,
+        clip_skip: int | None,
+        lora_files: list[tuple[str, float]],
+        client: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, Params]:
+        chunks, warnings = await self._chunks(model, part)
+        stack = await self._lora_stack(model, lora_files)
+        info: Params = {"chunks": max(len(c) for c in chunks.values()), "warnings": warnings, "cache": "off"}
+        key = None
+        if self.cache is not None and part.get("cache", True):
+            key = cache_key(model.content_id, dtype_name(self.dtype), chunks, clip_skip, stack.key)
+            hit = await self.cache.get(key)
+            self.cache_lookups.labels(result="hit" if hit is not None else "miss").inc()
+            if hit is not None:
+                return hit[0], hit[1], {**info, "cache": "hit"}
+            info["cache"] = "miss"
+        job = EncodeJob(chunks, clip_skip, stack)
+        cond, pooled = await self.batcher.submit(model.name, job, rows=info["chunks"], client=client)
+        if key is not None and self.cache is not None:
+            await self.cache.put(key, cond, pooled)
+        return cond, pooled, info
+
+    # -- compute thread ---------------------------------------------------------------------------------
+    def _run_batch(self, key: Hashable, jobs: Sequence[EncodeJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        model = self.loaded[str(key)]
+
+        def lora_plan(encoder: ClipEncoder, row_stacks: Sequence[Hashable]):
+            rows = [(1, s.per_encoder.get(encoder.kind, ())) for s in row_stacks]  # type: ignore[attr-defined]
+            return model.slots[encoder.kind].plan(row_groups(rows))
+
+        results = encode_jobs(model.encoders, model.family, jobs, lora_plan)
+        return [(cond.cpu(), pooled.cpu()) for cond, pooled in results]
+
+    # -- extra routes & status ----------------------------------------------------------------------------
+    def routes(self) -> list[web.RouteDef]:
+        async def list_models(request: web.Request) -> web.Response:
+            return web.json_response({"loaded": self.models(), "available": self.available()})
+
+        return [web.get("/v1/clip/models", list_models)]
+
+    def queue_depth(self) -> int:
+        return self.batcher.depth
+
+    def status(self) -> dict[str, Any]:
+        lora = self.lora_cache.stats()
+        return {
+            "batching": {
+                "batches": self.batcher.batches,
+                "rows": self.batcher.rows_total,
+                "largest_batch": self.batcher.largest_batch,
+                "max_batch": self.batcher.max_rows,
+            },
+            "conditioning_cache": vars(self.cache.stats) if self.cache is not None else None,
+            "lora_cache": vars(lora),
+        }
+
+
+def build(settings: Settings) -> ClipService:
+    return ClipService(settings)

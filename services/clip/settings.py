@@ -1,0 +1,26 @@
+"""The `clip:` configuration section (env LUNA_CLIP_*)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from luna_stack.core.config import section, setting
+
+
+@section("clip")
+@dataclasses.dataclass
+class ClipSettings:
+    preload: list[str] = setting(
+        [],
+        "Text encoders to load at start: a checkpoint, a clip/ file, or "
+        "'clip_l.safetensors+clip_g.safetensors' (env: comma-separated).",
+    )
+    load_on_demand: bool = setting(True, "Load a model the first time a request names it.")
+    max_batch: int = setting(32, "Most 77-token chunks encoded in one merged forward.", minimum=1)
+    max_delay_ms: float = setting(2.0, "How long a request may wait for others to join its batch.", minimum=0)
+    max_chunks: int = setting(
+        32, "Longest prompt accepted, in 75-token chunks (ComfyUI has no limit).", minimum=1, maximum=1024
+    )
+    cache: bool = setting(True, "Keep conditioning in Redis, shared by every replica (needs redis_url).")
+    cache_ttl_s: int = setting(7 * 86400, "Lifetime of a cached conditioning entry.", minimum=1)
+    lora_cache_mb: int = setting(512, "Device memory for cached CLIP LoRA adapters (LRU).", minimum=1)

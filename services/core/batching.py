@@ -1,0 +1,163 @@
+"""Dynamic batching: concurrent requests with the same key run as one forward.
+
+A key is whatever makes rows stackable (model, shape, dtype...). The dispatcher takes the key whose
+oldest request waited longest, lets the batch fill for at most `max_delay_ms` (or until `max_rows`),
+and picks rows round-robin across clients so one busy client cannot starve the others. If a merged
+batch fails, each request is retried alone, so one bad request fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .executor import GpuExecutor
+from .metrics import Metrics
+
+I = TypeVar("I")  # noqa: E741 - item type
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[I, R]):
+    key: Hashable
+    item: I
+    rows: int
+    client: str
+    future: asyncio.Future[R]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[I, R]):
+    def __init__(
+        self,
+        op: str,
+        run: Callable[[Hashable, Sequence[I]], Sequence[R]],
+        executor: GpuExecutor,
+        *,
+        max_rows: int,
+        max_delay_ms: float,
+        metrics: Metrics | None = None,
+    ):
+        self.op = op
+        self._run = run
+        self._executor = executor
+        self.max_rows = max_rows
+        self.max_delay = max_delay_ms / 1000.0
+        self._metrics = metrics
+        self._pending: list[_Pending[I, R]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.rows_total = 0
+        self.largest_batch = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, key: Hashable, item: I, *, rows: int = 1, client: str = "") -> R:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._dispatch())
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(key, item, rows, client, future))
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for p in self._pending:
+            if not p.future.done():
+                p.future.cancel()
+        self._pending.clear()
+
+    def _take(self) -> list[_Pending[I, R]]:
+        """The next batch: the key with the oldest request, rows round-robin across clients."""
+        key = min(self._pending, key=lambda p: p.enqueued).key
+        same = [p for p in self._pending if p.key == key and not p.future.cancelled()]
+        by_client: dict[str, list[_Pending[I, R]]] = {}
+        for p in same:
+            by_client.setdefault(p.client, []).append(p)
+        chosen: list[_Pending[I, R]] = []
+        rows = 0
+        queues = list(by_client.values())
+        while queues:
+            for q in list(queues):
+                p = q[0]
+                if chosen and rows + p.rows > self.max_rows:
+                    queues.remove(q)
+                    continue
+                chosen.append(q.pop(0))
+                rows += p.rows
+                if not q:
+                    queues.remove(q)
+        picked = {id(p) for p in chosen}
+        self._pending = [p for p in self._pending if id(p) not in picked and not p.future.cancelled()]
+        return chosen
+
+    def _ready_rows(self, key: Hashable) -> int:
+        return sum(p.rows for p in self._pending if p.key == key)
+
+    async def _dispatch(self) -> None:
+        while True:
+            self._pending = [p for p in self._pending if not p.future.cancelled()]
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = min(self._pending, key=lambda p: p.enqueued)
+            deadline = oldest.enqueued + self.max_delay
+            # Let the batch fill until it is full or the oldest request has waited max_delay.
+            while self._ready_rows(oldest.key) < self.max_rows and time.monotonic() < deadline:
+                self._wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - time.monotonic()))
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[_Pending[I, R]]) -> None:
+        started = time.monotonic()
+        rows = sum(p.rows for p in batch)
+        if self._metrics is not None:
+            for p in batch:
+                self._metrics.queue_seconds.labels(op=self.op).observe(started - p.enqueued)
+            self._metrics.batch_rows.labels(op=self.op).observe(rows)
+        self.batches += 1
+        self.rows_total += rows
+        self.largest_batch = max(self.largest_batch, rows)
+        try:
+            results = await self._executor.run(self._run, batch[0].key, [p.item for p in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                self._resolve(batch[0], error=exc)
+            else:
+                log.warning(
+                    "%s: batch of %d failed (%s); retrying each request alone", self.op, len(batch), exc
+                )
+                for p in batch:
+                    await self._execute([p])
+            return
+        finally:
+            if self._metrics is not None:
+                self._metrics.compute_seconds.labels(op=self.op).observe(time.monotonic() - started)
+        for p, result in zip(batch, results, strict=True):
+            self._resolve(p, result=result)
+
+    @staticmethod
+    def _resolve(p: _Pending[I, R], *, result: Any = None, error: BaseException | None = None) -> None:
+        if p.future.done():
+            return
+        if error is not None:
+            p.future.set_exception(error)
+        else:
+            p.future.set_result(result)

@@ -1,0 +1,112 @@
+"""Wire codec: tensors as one safetensors blob, parameters as JSON inside its `__metadata__`.
+
+safetensors is a flat header + raw bytes: no code runs on load (unlike pickle), and encode/decode cost
+one memcpy. Bodies are streamed in both directions; a request larger than the limit is rejected while
+it streams, before it is held in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from aiohttp import web
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import InvalidBody, PayloadTooLarge
+
+CONTENT_TYPE = "application/vnd.luna.safetensors"
+PARAMS_KEY = "luna"
+_CHUNK = 1 << 20
+# safetensors caps its JSON header at 100 MB; we accept far less: a header is names, shapes and params.
+_MAX_HEADER = 16 << 20
+
+
+def encode(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize CPU-or-GPU tensors (copied to CPU, made contiguous) and JSON params."""
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    metadata = {PARAMS_KEY: json.dumps(dict(params or {}), separators=(",", ":"))}
+    return st_save(cpu, metadata=metadata)
+
+
+def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Parse a blob into (tensors, params). Anything malformed raises InvalidBody."""
+    if len(blob) < 8:
+        raise InvalidBody("body is not a safetensors blob: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > _MAX_HEADER or 8 + header_len > len(blob):
+        raise InvalidBody(
+            f"safetensors header claims {header_len} bytes but the body has {len(blob) - 8}",
+            hint="the body was truncated or is not safetensors",
+        )
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidBody(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidBody("safetensors header must be a JSON object")
+    try:
+        tensors = st_load(blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed case
+        raise InvalidBody(f"malformed safetensors body: {exc}") from None
+    raw = (header.get("__metadata__") or {}).get(PARAMS_KEY, "{}")
+    try:
+        params = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidBody(f"request parameters are not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise InvalidBody("request parameters must be a JSON object")
+    return tensors, params
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Stream the request body into memory, failing as soon as it exceeds `limit` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(
+            f"body of {declared} bytes exceeds the limit of {limit} bytes",
+            hint="raise server.max_body_mb or send smaller batches",
+        )
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(
+                f"body exceeds the limit of {limit} bytes", hint="raise server.max_body_mb or send less"
+            )
+    return bytes(buf)
+
+
+async def read_tensors(request: web.Request, limit: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if request.content_type == "application/json":
+        # Parameter-only calls (no tensors) may send plain JSON.
+        body = await read_body(request, limit)
+        try:
+            params = json.loads(body or b"{}")
+        except json.JSONDecodeError as exc:
+            raise InvalidBody(f"JSON body is invalid: {exc}") from None
+        if not isinstance(params, dict):
+            raise InvalidBody("JSON body must be an object")
+        return {}, params
+    return decode(await read_body(request, limit))
+
+
+async def write_tensors(
+    request: web.Request,
+    tensors: Mapping[str, torch.Tensor],
+    params: Mapping[str, Any] | None = None,
+    status: int = 200,
+) -> web.StreamResponse:
+    blob = encode(tensors, params)
+    resp = web.StreamResponse(status=status, headers={"Content-Type": CONTENT_TYPE})
+    resp.content_length = len(blob)
+    await resp.prepare(request)
+    view = memoryview(blob)
+    for start in range(0, len(view), _CHUNK):
+        await resp.write(view[start : start + _CHUNK])
+    await resp.write_eof()
+    return resp

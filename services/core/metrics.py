@@ -1,0 +1,61 @@
+"""Prometheus collectors shared by every service (one registry per app, so tests can run many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, kind: str):
+        self.registry = CollectorRegistry()
+        labels = {"service": kind}
+        self.requests = Counter(
+            "luna_requests_total",
+            "HTTP requests by route and outcome",
+            ["route", "outcome", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "luna_request_seconds",
+            "HTTP request duration",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "luna_queue_wait_seconds",
+            "Time a request waited for its batch to start",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_seconds = Histogram(
+            "luna_compute_seconds",
+            "Duration of one batched forward",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "luna_batch_rows",
+            "Rows per batched forward",
+            ["op"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=self.registry,
+        )
+        self.jobs = Counter("luna_jobs_total", "Queued jobs by outcome", ["outcome"], registry=self.registry)
+        self.gpu_memory = Gauge(
+            "luna_gpu_memory_bytes",
+            "GPU memory in use (NVML), per GPU",
+            ["gpu", "uuid"],
+            registry=self.registry,
+        )
+        self.model_bytes = Gauge(
+            "luna_model_bytes", "Bytes of weights resident, per model", ["model"], registry=self.registry
+        )
+        self.info = Gauge(
+            "luna_service_info", "Constant 1 with the service kind", ["service"], registry=self.registry
+        )
+        self.info.labels(**labels).set(1)

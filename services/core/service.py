@@ -1,0 +1,74 @@
+"""The base every model service implements; the app (app.py) and the queue worker only talk to this."""
+
+from __future__ import annotations
+
+import abc
+import os
+import socket
+import uuid
+from typing import Any, ClassVar
+
+import torch
+from aiohttp import web
+
+from .config import Settings
+from .executor import GpuExecutor
+from .gpu import gpu_uuid, select_device, select_dtype
+from .metrics import Metrics
+from .paths import ModelRoots
+from .progress import ProgressTable
+from .tensors import dtype_name
+
+Tensors = dict[str, torch.Tensor]
+Params = dict[str, Any]
+
+
+class ModelService(abc.ABC):
+    kind: ClassVar[str]
+    default_port: ClassVar[int]
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = select_device(settings.core.device)
+        self.dtype = select_dtype(settings.core.dtype, self.device)
+        self.roots = ModelRoots(settings.core.model_roots)
+        self.executor = GpuExecutor(self.kind)
+        self.metrics = Metrics(self.kind)
+        self.replica_id = f"{self.kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.gpu_uuid = gpu_uuid(self.device)
+        self.progress = ProgressTable()
+
+    @abc.abstractmethod
+    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
+        """Run one operation (`POST /v1/<kind>/<op>` and queued jobs both land here)."""
+
+    @abc.abstractmethod
+    def models(self) -> list[dict[str, Any]]:
+        """Resident models: name, bytes, dtype, device and anything service-specific."""
+
+    @abc.abstractmethod
+    async def startup(self) -> None:
+        """Load the preload list (runs in the background; /health/ready waits for it)."""
+
+    async def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def routes(self) -> list[web.RouteDef]:
+        """Service-specific routes besides POST /v1/<kind>/<op>."""
+        return []
+
+    def status(self) -> dict[str, Any]:
+        """Service-specific status (batching, caches); merged into GET /v1/status."""
+        return {}
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "service": self.kind,
+            "replica": self.replica_id,
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "gpu_uuid": self.gpu_uuid,
+        }

@@ -1,0 +1,301 @@
+"""The UNet service: POST /v1/unet/step (one sampling step, ComfyUI's diffusion_model call), load/unload,
+GET /v1/unet/models, DELETE /v1/unet/models/{name}.
+
+Step request: tensors `x` [B,C,H,W], `timesteps` [B], `context` [B,T,D], `y` [B,ADM] (SDXL), optional
+`control.<input|middle|output>.<N>` residuals (see step.py); params `{"model": name, "lora": [{"name",
+"strength"}], "control_lengths": {...}}`. Reply: tensor `out` in x's shape and dtype, params `model`
+and `batch_rows` (rows in the forward this step ran in).
+
+Concurrent steps with the same model, latent shape, dtype, context length and control slots are merged
+into one forward; a request's rows (a cond/uncond pair) always stay together, and each request's LoRA
+stack applies to its own rows only, beside the frozen weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from luna_stack.core.batching import Batcher
+from luna_stack.core.config import Settings
+from luna_stack.core.errors import BadRequest, NotFound, UnknownModel
+from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
+from luna_stack.core.queue import connect
+from luna_stack.core.service import ModelService, Params, Tensors
+from luna_stack.core.tensors import dtype_name, require_tensor
+
+from .loader import LoadedUnet, load_unet
+from .settings import UnetSettings
+from .step import BlockResiduals, check_control, control_from_wire, input_block_shapes, unet_forward
+
+log = logging.getLogger(__name__)
+FOLDERS = ("unet", "checkpoints")
+OPS = ("step", "load", "unload")
+_STEP_TENSORS = {"x", "timesteps", "context", "y"}
+
+
+@dataclass(frozen=True)
+class _Step:
+    model: LoadedUnet
+    x: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor
+    y: torch.Tensor | None
+    control: dict[str, torch.Tensor]  # slot -> residual (BlockResiduals.named())
+    stack: tuple[tuple[ResolvedLora, float], ...]
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+
+class UnetService(ModelService):
+    kind = "unet"
+    default_port = 8103
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.cfg = settings.of(UnetSettings)
+        self.precision = self.cfg.precision if self.cfg.precision != "auto" else dtype_name(self.dtype)
+        self.loaded: dict[Path, LoadedUnet] = {}
+        self._loading: dict[Path, asyncio.Lock] = {}
+        self._lora_caches: dict[torch.dtype, LoraCache] = {}
+        self._redis: Any = None
+        self._unbatched = itertools.count()
+        self.batcher: Batcher[_Step, tuple[torch.Tensor, int]] = Batcher(
+            "unet",
+            self._run_batch,
+            self.executor,
+            max_rows=self.cfg.max_batch,
+            max_delay_ms=self.cfg.max_delay_ms if self.cfg.batching else 0.0,
+            metrics=self.metrics,
+        )
+
+    # -- models ---------------------------------------------------------------------------------------
+    def _display_name(self, path: Path) -> str:
+        for root in self.roots.roots:
+            if root in path.parents:
+                return path.relative_to(root).as_posix()
+        return path.name
+
+    async def model(self, name: Any) -> LoadedUnet:
+        if not name:
+            if len(self.loaded) == 1:
+                return next(iter(self.loaded.values()))
+            available = ", ".join(self.available()[:20])
+            raise BadRequest("params.model is required", hint=f"available: {available}")
+        if not isinstance(name, str):
+            raise BadRequest("params.model must be a string")
+        path = self.roots.resolve(name, FOLDERS)
+        if path in self.loaded:
+            return self.loaded[path]
+        if not self.cfg.load_on_demand:
+            raise UnknownModel(
+                f"UNet {name!r} is not loaded and load_on_demand is off", hint="add it to unet.preload"
+            )
+        async with self._loading.setdefault(path, asyncio.Lock()):
+            if path not in self.loaded:
+                model = await self.executor.run(
+                    load_unet, self._display_name(path), path, self.precision, self.device
+                )
+                attach_side_paths(model.unet)
+                self.loaded[path] = model
+                log.info("loaded UNet %s (%s, %.1f MiB)", model.name, model.precision, model.nbytes / 2**20)
+        return self.loaded[path]
+
+    def available(self) -> list[str]:
+        return [f"{folder}/{n}" for folder in FOLDERS for n in self.roots.list([folder])]
+
+    def models(self) -> list[dict[str, Any]]:
+        return [m.describe() for m in self.loaded.values()]
+
+    async def startup(self) -> None:
+        if self.settings.core.redis_url:
+            self._redis = connect(self.settings.core.redis_url)
+        for name in self.cfg.preload:
+            await self.model(name)
+
+    async def unload(self, name: str) -> bool:
+        """Drop the model; steps already queued for it still finish (they hold their own reference)."""
+        path = self.roots.resolve(name, FOLDERS)
+        if self.loaded.pop(path, None) is None:
+            return False
+        await self.executor.run(_release_memory, self.device)
+        return True
+
+    # -- LoRA -----------------------------------------------------------------------------------------
+    def _lora_cache(self, dtype: torch.dtype) -> LoraCache:
+        # Adapters are kept in the compute dtype of the model they serve (fp8 models compute in bf16).
+        if dtype not in self._lora_caches:
+            self._lora_caches[dtype] = LoraCache(
+                int(self.cfg.lora_cache_mb * 2**20),
+                self.device,
+                dtype,
+                redis=self._redis,
+                replica=self.replica_id,
+            )
+        return self._lora_caches[dtype]
+
+    async def _lora_stack(self, model: LoadedUnet, spec: Any) -> tuple[tuple[ResolvedLora, float], ...]:
+        if spec is None:
+            return ()
+        if not isinstance(spec, list) or not all(isinstance(e, dict) for e in spec):
+            raise BadRequest('params.lora must be a list of {"name": str, "strength": number}')
+        if len(spec) > self.cfg.max_loras:
+            raise BadRequest(f"{len(spec)} LoRAs in one request; unet.max_loras is {self.cfg.max_loras}")
+        cache = self._lora_cache(model.dtype)
+        stack = []
+        for entry in spec:
+            name, strength = entry.get("name"), entry.get("strength", 1.0)
+            if not isinstance(name, str):
+                raise BadRequest("each LoRA needs a string name")
+            numeric = isinstance(strength, int | float) and not isinstance(strength, bool)
+            if not numeric or not math.isfinite(strength):
+                raise BadRequest(f"LoRA {name}: strength must be a finite number, got {strength!r}")
+            if strength == 0:
+                continue
+            path = self.roots.resolve(name, ("loras",))
+            await cache.aget(path, run=self.executor.run)
+            resolved = await self.executor.run(cache.resolve, path, model.unet, "unet")
+            stack.append((resolved, float(strength)))
+        return tuple(stack)
+
+    # -- requests -------------------------------------------------------------------------------------
+    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
+        if op == "load":
+            model = await self.model(params.get("model"))
+            return {}, model.describe()
+        if op == "unload":
+            name = params.get("model")
+            if not isinstance(name, str):
+                raise BadRequest('params must be {"model": "<name>"}')
+            return {}, {"model": name, "unloaded": await self.unload(name)}
+        if op != "step":
+            raise NotFound(f"unknown UNet operation {op!r}", hint=f"one of {', '.join(OPS)}")
+        step = await self._parse_step(tensors, params)
+        key: Hashable = (
+            step.model.path,
+            tuple(step.x.shape[1:]),
+            step.x.dtype,
+            step.context.shape[1],
+            tuple(sorted(step.control)),
+        )
+        if not self.cfg.batching:
+            key = (*key, next(self._unbatched))
+        out, rows = await self.batcher.submit(key, step, rows=step.rows, client=client)
+        return {"out": out}, {"model": step.model.name, "batch_rows": rows}
+
+    async def _parse_step(self, tensors: Tensors, params: Params) -> _Step:
+        model = await self.model(params.get("model"))
+        unknown = sorted(n for n in tensors if n not in _STEP_TENSORS and not n.startswith("control."))
+        if unknown:
+            raise BadRequest(f"unexpected tensors {unknown}", hint="x, timesteps, context, y, control.*")
+        x = require_tensor(tensors, "x", rank=4, dims={1: model.in_channels})
+        rows = x.shape[0]
+        if rows > self.cfg.max_batch:
+            raise BadRequest(
+                f"a step of {rows} rows exceeds unet.max_batch={self.cfg.max_batch}",
+                hint="split the batch or raise LUNA_UNET_MAX_BATCH",
+            )
+        timesteps = require_tensor(tensors, "timesteps", rank=1, dims={0: rows})
+        context = require_tensor(tensors, "context", rank=3, dims={0: rows, 2: model.context_dim})
+        y = None
+        if model.adm_channels is not None:
+            y = require_tensor(tensors, "y", rank=2, dims={0: rows, 1: model.adm_channels})
+        elif "y" in tensors:
+            raise BadRequest(f"model {model.name} ({model.family}) takes no y")
+        lengths = params.get("control_lengths")
+        if lengths is not None and not isinstance(lengths, dict):
+            raise BadRequest('params.control_lengths must be an object like {"output": 12}')
+        control = control_from_wire(tensors, lengths, len(input_block_shapes(model.unet, 1, 1)))
+        check_control(model.unet, control, x)
+        stack = await self._lora_stack(model, params.get("lora"))
+        return _Step(model, x, timesteps, context, y, control.named(), stack)
+
+    # -- compute thread -------------------------------------------------------------------------------
+    def _run_batch(self, key: Hashable, items: Sequence[_Step]) -> list[tuple[torch.Tensor, int]]:
+        model = items[0].model
+        device, dtype = model.device, model.dtype
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(tensors).to(device=device, dtype=dtype)
+
+        x = cat([s.x for s in items])
+        timesteps = torch.cat([s.timesteps for s in items]).to(device=device, dtype=torch.float32)
+        context = cat([s.context for s in items])
+        y = cat([s.y for s in items]) if model.adm_channels is not None else None
+        slots = items[0].control  # the batch key holds the slot names: every item has the same
+        control = BlockResiduals.from_named({slot: cat([s.control[slot] for s in items]) for slot in slots})
+        plan = row_groups([(s.rows, s.stack) for s in items])
+        with torch.inference_mode(), attach_side_paths(model.unet).plan(plan):
+            out = unet_forward(model.unet, x, timesteps, context, y, control)
+        parts = torch.split(out, [s.rows for s in items])
+        rows = x.shape[0]
+        return [(part.to(device="cpu", dtype=s.x.dtype), rows) for part, s in zip(parts, items, strict=True)]
+
+    # -- extra routes & status ------------------------------------------------------------------------
+    def routes(self) -> list[web.RouteDef]:
+        async def list_models(request: web.Request) -> web.Response:
+            return web.json_response({"loaded": self.models(), "available": self.available()})
+
+        async def delete_model(request: web.Request) -> web.Response:
+            name = request.match_info["name"]
+            return web.json_response({"model": name, "unloaded": await self.unload(name)})
+
+        async def unload(request: web.Request) -> web.Response:
+            body = await request.json() if request.can_read_body else {}
+            name = body.get("model") if isinstance(body, dict) else None
+            if not isinstance(name, str):
+                raise BadRequest('body must be {"model": "<name>"}')
+            return web.json_response({"model": name, "unloaded": await self.unload(name)})
+
+        return [
+            web.get("/v1/unet/models", list_models),
+            web.delete("/v1/unet/models/{name:.+}", delete_model),
+            web.post("/v1/unet/unload", unload),
+        ]
+
+    def queue_depth(self) -> int:
+        return self.batcher.depth
+
+    def status(self) -> dict[str, Any]:
+        b = self.batcher
+        caches = {dtype_name(d): vars(c.stats()) for d, c in self._lora_caches.items()}
+        return {
+            "precision": self.precision,
+            "batching": {
+                "enabled": self.cfg.batching,
+                "max_batch": b.max_rows,
+                "max_delay_ms": b.max_delay * 1000,
+                "batches": b.batches,
+                "rows": b.rows_total,
+                "largest_batch": b.largest_batch,
+            },
+            "lora_cache": caches,
+        }
+
+    async def shutdown(self) -> None:
+        await self.batcher.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+        await super().shutdown()
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build(settings: Settings) -> UnetService:
+    return UnetService(settings)

@@ -1,0 +1,33 @@
+"""The `unet:` configuration section (env LUNA_UNET_*)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from luna_stack.core.config import section, setting
+
+
+@section("unet")
+@dataclasses.dataclass
+class UnetSettings:
+    preload: list[str] = setting(
+        [],
+        "UNets to load at start: names or relative paths under checkpoints/ or unet/ (.safetensors, "
+        ".gguf); env: comma-separated.",
+    )
+    load_on_demand: bool = setting(True, "Load a UNet the first time a request names it.")
+    precision: str = setting(
+        "auto",
+        "Weight storage: auto (the core dtype), fp32, fp16, bf16, fp8 (e4m3 storage, bf16 compute). "
+        "GGUF files keep their quantization and compute in the core dtype; fp8 files stay fp8.",
+        choices=("auto", "fp32", "fp16", "bf16", "fp8"),
+    )
+    batching: bool = setting(True, "Merge concurrent steps of the same model and shape into one forward.")
+    max_batch: int = setting(
+        16, "Most latent rows in one forward; a single request with more rows is rejected.", minimum=1
+    )
+    max_delay_ms: float = setting(
+        4.0, "How long a step may wait for other clients' steps to join its batch.", minimum=0
+    )
+    lora_cache_mb: float = setting(2048.0, "Device memory for cached LoRA adapters, in MiB.", minimum=1)
+    max_loras: int = setting(16, "Most LoRAs in one request's stack.", minimum=0)

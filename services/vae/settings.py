@@ -1,0 +1,25 @@
+"""The `vae:` configuration section (env LUNA_VAE_*)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from luna_stack.core.config import section, setting
+
+
+@section("vae")
+@dataclasses.dataclass
+class VaeSettings:
+    preload: list[str] = setting(
+        [], "VAEs to load at start: names under vae/ or checkpoints/ (env: comma-separated)."
+    )
+    load_on_demand: bool = setting(True, "Load a VAE the first time a request names it.")
+    max_batch: int = setting(8, "Most images decoded/encoded in one merged forward.", minimum=1)
+    max_delay_ms: float = setting(5.0, "How long a request may wait for others to join its batch.", minimum=0)
+    tile_size: int = setting(
+        512, "Default tile size in pixels for tiled operations and the OOM fallback.", minimum=64
+    )
+    tile_overlap: int = setting(64, "Default tile overlap in pixels.", minimum=0)
+    max_pixels: int = setting(
+        64 * 1024 * 1024, "Largest image (height × width) a request may produce or send.", minimum=64 * 64
+    )

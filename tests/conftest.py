@@ -1,0 +1,120 @@
+"""Shared test fixtures: a real redis-server, small random-weight models, real services on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from luna_stack.core.config import Settings, load_settings
+from luna_stack.core.embedded import EmbeddedService, free_port
+from luna_stack.core.fixtures import write_models_dir
+from luna_stack.core.service import ModelService
+
+
+@dataclasses.dataclass
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+def start_redis(tmp: Path) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: apt-get install redis-server (the tests need a real one)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            server.client().ping()
+            return server
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A clean database on the session's redis-server."""
+    server_client = redis_server.client()
+    server_client.flushdb()
+    server_client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small random-weight models in ComfyUI layout (checkpoints/, vae/, clip/, unet/, loras/, ...)."""
+    root = tmp_path_factory.mktemp("models")
+    write_models_dir(root, size="small", families=("sd15", "sdxl"), dtype=torch.float32)
+    return root
+
+
+def make_settings(models: Path, **env: str) -> Settings:
+    """Settings as a service would load them, from a clean environment plus `env`."""
+    base = {"LUNA_MODEL_ROOTS": str(models), "LUNA_DEVICE": "cpu", "LUNA_DTYPE": "fp32"}
+    return load_settings(None, env={**base, **env})
+
+
+@pytest.fixture
+def start_service() -> Iterator[Callable[..., EmbeddedService]]:
+    """start_service(build_fn, settings) -> a ready EmbeddedService, stopped after the test."""
+    running: list[EmbeddedService] = []
+
+    def start(
+        build: Callable[[Settings], ModelService], settings: Settings, ready: bool = True
+    ) -> EmbeddedService:
+        svc = EmbeddedService(build(settings)).start()
+        running.append(svc)
+        if ready:
+            svc.wait_ready()
+        return svc
+
+    yield start
+    for svc in running:
+        with contextlib.suppress(Exception):
+            svc.stop()

@@ -1,0 +1,97 @@
+"""`luna-stack run --demo`: starts redis and the services, answers, serves a decode, stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from luna_stack.core.client import Client
+
+from .conftest import free_port
+
+
+def _free_base_port() -> int:
+    for _ in range(50):
+        base = free_port() // 10 * 10
+        if all(_is_free(base + i) for i in range(1, 4)):
+            return base
+    raise RuntimeError("no free block of ports")
+
+
+def _is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_local_run_mode_demo(tmp_path: Path) -> None:
+    base = _free_base_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "luna_stack.core.cli",
+            "run",
+            "--demo",
+            "--services",
+            "vae",
+            "--models",
+            str(tmp_path / "models"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--base-port",
+            str(base),
+        ],
+        env={**env, "LUNA_DEVICE": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{base + 2}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run mode exited"
+            try:
+                with urllib.request.urlopen(url + "/health/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "local run mode never became ready"
+            time.sleep(0.2)
+        with urllib.request.urlopen(url + "/v1/status") as resp:
+            status = json.loads(resp.read())
+        assert status["redis"] is True  # it started its own redis-server
+        assert [m["name"] for m in status["models"]] == ["vae/sd15-small-vae.safetensors"]
+        with Client("vae", url=url) as client:
+            out, _ = client.call(
+                "decode", {"latent": torch.zeros(1, 4, 8, 8)}, {"model": "vae/sd15-small-vae"}
+            )
+        assert out["image"].shape == (1, 64, 64, 3)
+        assert (tmp_path / "models" / "checkpoints" / "sdxl-small.safetensors").is_file()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "Luna Stack is up" in output
+    # Ctrl-C stopped everything: nothing answers any more.
+    try:
+        urllib.request.urlopen(url + "/health/live", timeout=2)
+        raise AssertionError("service still answering after Ctrl-C")
+    except OSError:
+        pass

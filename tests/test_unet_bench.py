@@ -1,0 +1,42 @@
+"""The UNet benchmark scripts still run (small CPU fixtures) and write their tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize(
+    ("script", "result", "columns"),
+    [
+        (
+            "bench_unet_throughput.py",
+            "unet_throughput-small.json",
+            {"batched/unbatched", "batched/in_process"},
+        ),
+        ("bench_unet_lora.py", "unet_lora-small.json", {"case", "step_ms", "vs_0_loras"}),
+    ],
+)
+def test_bench_script_runs_small(script: str, result: str, columns: set[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    extra = ["--clients", "1,2"] if "throughput" in script else []
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--small", "--steps", "1", *extra],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+        cwd=BENCH.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "results:" in proc.stdout
+    data = json.loads((BENCH / "results" / result).read_text())
+    assert data["meta"]["size"] == "small" and data["rows"]
+    assert columns <= set(data["rows"][0])
