@@ -52,15 +52,14 @@ test: venv ## lint the Python code and run the CPU test suite
 test-gpu: venv ## run the tests that need a CUDA GPU
 	$(BIN)/pytest -q -m gpu
 
-# Each bench/bench_*.py prints one JSON document on stdout (logs on stderr); it lands in bench/results/.
+# Each bench/bench_*.py prints its table and writes bench/results/<name>.json itself (device named in it).
+# BENCH_ARGS=--small runs them on the CPU fixtures.
 BENCH_SCRIPTS := $(wildcard bench/bench_*.py)
+BENCH_ARGS ?=
 bench: venv ## run every bench/bench_*.py, results in bench/results/<name>.json
-	$(if $(BENCH_SCRIPTS),,$(error no bench/bench_*.py scripts yet))
-	mkdir -p bench/results
 	set -e; for name in $(basename $(notdir $(BENCH_SCRIPTS))); do \
 		echo "== $$name"; \
-		$(BIN)/python -m bench.$$name > bench/results/$$name.json.tmp; \
-		mv bench/results/$$name.json.tmp bench/results/$$name.json; \
+		$(BIN)/python -m bench.$$name $(BENCH_ARGS); \
 	done
 
 lint: venv ## ruff, hadolint on the Dockerfiles, compose files against the compose-spec schema

@@ -9,21 +9,10 @@ from __future__ import annotations
 
 import asyncio
 
-from bench_unet_common import (
-    defaults,
-    lora_files,
-    median_ms,
-    model_file,
-    models_root,
-    parser,
-    print_table,
-    serve,
-    step_inputs,
-    timed,
-    write_results,
-)
-
 from luna_stack.core.client import AsyncClient
+
+from .common import median_ms, print_table, timed
+from .unet_common import defaults, lora_files, model_file, models_root, parser, save, serve, step_inputs
 
 
 async def main() -> None:
@@ -44,7 +33,7 @@ async def main() -> None:
             AsyncClient("unet", url=url) as client,
         ):
             await client.call("load", {}, {"model": model})
-            loaded = next(iter(service.loaded.values()))
+            loaded = next(iter(service.resident))
             inputs = step_inputs(loaded, 2, args.latent, seed=0)
             device = str(loaded.device)
 
@@ -76,7 +65,7 @@ async def main() -> None:
             rows.append({"case": "sequential/batched", "step_ms": sequential / concurrent, "vs_0_loras": 0.0})
     print(f"UNet {args.family} {args.size}, latent {args.latent}², CFG, rank-{args.rank} LoRAs, {device}")
     print_table(rows, ["case", "step_ms", "vs_0_loras"])
-    print("results:", write_results("unet_lora", args, rows, device))
+    print("results:", save("unet_lora", args, rows, device))
 
 
 async def _sequential(client: AsyncClient, inputs: dict, model: str, stacks: list) -> None:

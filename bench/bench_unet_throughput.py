@@ -11,20 +11,12 @@ import asyncio
 import time
 
 import torch
-from bench_unet_common import (
-    defaults,
-    model_file,
-    models_root,
-    parser,
-    print_table,
-    serve,
-    step_inputs,
-    sync,
-    write_results,
-)
 
 from luna_stack.core.client import AsyncClient
 from luna_stack.unet.step import unet_forward
+
+from .common import print_table, sync
+from .unet_common import defaults, model_file, models_root, parser, save, serve, step_inputs
 
 
 async def clients_throughput(url: str, model: str, inputs: dict, clients: int, steps: int) -> float:
@@ -83,7 +75,7 @@ async def main() -> None:
             ):
                 async with AsyncClient("unet", url=url) as client:
                     await client.call("load", {}, {"model": model})
-                loaded = next(iter(service.loaded.values()))
+                loaded = next(iter(service.resident))
                 inputs = step_inputs(loaded, 2, args.latent, seed=0)
                 label = "batched" if batching else "unbatched"
                 results[label] = {
@@ -108,7 +100,7 @@ async def main() -> None:
         )
     print(f"UNet {args.family} {args.size}, latent {args.latent}², CFG (2 rows/step), {device}")
     print_table(rows, list(rows[0]))
-    print("results:", write_results("unet_throughput", args, rows, device))
+    print("results:", save("unet_throughput", args, rows, device))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ async def measure(args: argparse.Namespace, root: Path) -> list[dict]:
     }
     rows = []
     with EmbeddedService(build(load_settings(None, env=env))) as svc:
-        model = next(iter(svc.service.loaded.values()))
+        model = next(iter(svc.service.resident))
         async with AsyncClient("vae", url=svc.url) as client:
             for side in args.sizes:
                 latent = torch.randn(

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from luna_stack.clip.bpe import shared_bpe
+from luna_stack.clip.cache import cache_key
 from luna_stack.clip.service import build
-from luna_stack.clip.tokenize import CLIP_G, CLIP_L
+from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.core.client import AsyncClient
 from luna_stack.core.errors import BadRequest, ModelLoadError, PathNotAllowed, UnknownModel
 from luna_stack.core.lora_fixtures import write_lora
@@ -27,12 +28,10 @@ SDXL = "sdxl-small.safetensors"
 
 
 def _chunks(text: str, spec):
-    from luna_stack.clip.tokenize import tokenize
-
     return tokenize(text, spec, shared_bpe(), None, [], 64)
 
 
-def _sd15_ref(models_dir, clip_skip=None):
+def _sd15_ref(models_dir):
     return _reference_l(models_dir / "checkpoints" / SD15, "cond_stage_model.transformer.")
 
 
@@ -293,3 +292,25 @@ async def test_bad_inputs_get_4xx_and_the_service_stays_up(models_dir, start_ser
     assert status == 400 and body["error"]["code"] == "bad_request"
     with urllib.request.urlopen(svc.url + "/health/live", timeout=10) as resp:
         assert resp.status == 200
+
+
+def test_cache_key_covers_every_input():
+    chunks = {"l": _chunks(WEIGHTED, CLIP_L), "g": _chunks(WEIGHTED, CLIP_G)}
+    base = ("model-sha", "fp16", chunks, None, (("lora-sha", 0.8),))
+    key = cache_key(*base)
+    assert key == cache_key(*base)
+    reweighted = {**chunks, "l": [[(t, 1.0) for t, _ in c] for c in chunks["l"]]}
+    with_vector = {**chunks, "l": [[(torch.ones(32), 1.0), *chunks["l"][0][1:]]]}
+    other_vector = {**chunks, "l": [[(torch.zeros(32), 1.0), *chunks["l"][0][1:]]]}
+    variants = [
+        ("other-model", *base[1:]),
+        (base[0], "fp32", *base[2:]),
+        (base[0], base[1], reweighted, *base[3:]),
+        (base[0], base[1], with_vector, *base[3:]),
+        (base[0], base[1], other_vector, *base[3:]),
+        (*base[:3], -2, base[4]),
+        (*base[:4], (("lora-sha", 0.7),)),
+        (*base[:4], ()),
+    ]
+    keys = {cache_key(*v) for v in variants}
+    assert len(keys) == len(variants) and key not in keys

@@ -72,3 +72,10 @@ def test_params_must_be_a_json_object() -> None:
     header = json.dumps({"__metadata__": {"luna": "[1, 2]"}}).encode()
     with pytest.raises(InvalidBody, match="JSON object"):
         codec.decode(struct.pack("<Q", len(header)) + header)
+
+
+def test_views_of_one_tensor_are_sent_as_independent_tensors() -> None:
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    tensors, _ = codec.decode(codec.encode({"a": base[0], "b": base[1:], "c": base, "d": base}))
+    assert torch.equal(tensors["a"], base[0]) and torch.equal(tensors["b"], base[1:])
+    assert torch.equal(tensors["c"], base) and torch.equal(tensors["d"], base)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -62,18 +63,17 @@ def test_local_run_mode_demo(tmp_path: Path) -> None:
         text=True,
     )
     url = f"http://127.0.0.1:{base + 2}"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else "run mode exited"
-            try:
-                with urllib.request.urlopen(url + "/health/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "local run mode never became ready"
+        while not any("Luna Stack is up" in line for line in lines):  # printed once all are ready
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "local run mode never became ready:\n" + "".join(lines)
             time.sleep(0.2)
+        with urllib.request.urlopen(url + "/health/ready", timeout=5) as resp:
+            assert resp.status == 200
         with urllib.request.urlopen(url + "/v1/status") as resp:
             status = json.loads(resp.read())
         assert status["redis"] is True  # it started its own redis-server
@@ -86,9 +86,11 @@ def test_local_run_mode_demo(tmp_path: Path) -> None:
         assert (tmp_path / "models" / "checkpoints" / "sdxl-small.safetensors").is_file()
     finally:
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    output = "".join(lines)
     assert proc.returncode == 0, output
-    assert "Luna Stack is up" in output
+    assert "stopping (signal 2)" in output
     # Ctrl-C stopped everything: nothing answers any more.
     try:
         urllib.request.urlopen(url + "/health/live", timeout=2)

@@ -291,3 +291,25 @@ def test_nan_in_a_file_fails_at_load(tmp_path):
     )
     with pytest.raises(ModelLoadError, match=r"nan\.safetensors: up factor of a contains NaN"):
         load_lora_bytes(path.read_bytes(), path.name)
+
+
+def test_unet_outside_the_ldm_layout_still_takes_diffusers_names(caplog):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(  # per-level layers_per_block: no SD1.5/SDXL LDM layout
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=(1, 2),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    sd = _kohya("lora_unet_" + to_q.replace(".", "_"), *_pair(2, 32, 32))
+    assert list(resolve(parse_lora(sd), unet, "unet").factors) == [to_q]
+    ldm = _kohya("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q", *_pair(2, 32, 32))
+    with pytest.raises(BadRequest, match="0 of 1 unet modules matched"):
+        resolve(parse_lora(ldm), unet, "unet")
+    assert "LDM-named LoRA keys cannot match this UNet" in caplog.text

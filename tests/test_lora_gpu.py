@@ -1,4 +1,4 @@
-"""The LoRA side path on a CUDA device: no host sync in a forward, and capturable in a CUDA graph (issue 8)."""
+"""The LoRA side path on a CUDA device: no host sync in a forward; capturable in a CUDA graph (issue 8)."""
 
 from __future__ import annotations
 

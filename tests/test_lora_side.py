@@ -256,7 +256,7 @@ def test_plan_is_validated(hooked, tmp_path):
     lora = _load(path, h.model, "clip_l")
     foreign = _load(path, other.model, "clip_l")  # same names fit: resolved against the other model
     with (
-        pytest.raises(ValueError, match="ordered, disjoint"),
+        pytest.raises(ValueError, match="disjoint, non-empty"),
         h.slots.plan([(0, 2, [(lora, 1)]), (1, 3, [])]),
     ):
         pass

@@ -9,7 +9,6 @@ Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import math
 import os
@@ -23,9 +22,10 @@ from prometheus_client import Counter
 
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
-from luna_stack.core.errors import BadRequest, NotFound, UnknownModel
+from luna_stack.core.errors import BadRequest, NotFound
 from luna_stack.core.lora import LoraCache, Stack, row_groups
 from luna_stack.core.queue import connect
+from luna_stack.core.resident import ResidentModels
 from luna_stack.core.service import ModelService, Params, Tensors
 from luna_stack.core.tensors import dtype_name
 
@@ -65,8 +65,9 @@ class ClipService(ModelService):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.cfg = settings.of(ClipSettings)
-        self.loaded: dict[str, ClipModel] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self.resident = ResidentModels(
+            "clip", self.roots, FOLDERS, self.executor, self._load, load_on_demand=self.cfg.load_on_demand
+        )
         self.embeddings = EmbeddingStore(root / "embeddings" for root in self.roots.roots)
         self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
         self._lora_hashes: dict[str, tuple[int, int, str]] = {}
@@ -87,45 +88,13 @@ class ClipService(ModelService):
         )
 
     # -- models ---------------------------------------------------------------------------------------
-    def _canonical(self, name: str) -> str:
-        """One name per file set: resolved paths, relative to their root, '+'-joined in sorted order."""
-        parts = []
-        for part in name.split("+"):
-            path = self.roots.resolve(part.strip(), FOLDERS)
-            root = next(r for r in self.roots.roots if r in path.parents)
-            parts.append(path.relative_to(root).as_posix())
-        return "+".join(sorted(parts))
-
-    async def model(self, name: Any) -> ClipModel:
-        if not name:
-            if len(self.loaded) == 1:
-                return next(iter(self.loaded.values()))
-            raise BadRequest(
-                "params.model is required", hint=f"available: {', '.join(self.available()[:20])}"
-            )
-        if not isinstance(name, str):
-            raise BadRequest("params.model must be a string")
-        key = self._canonical(name)
-        if key in self.loaded:
-            return self.loaded[key]
-        if not self.cfg.load_on_demand:
-            raise UnknownModel(f"CLIP model {name!r} is not loaded and load_on_demand is off")
-        async with self._loading.setdefault(key, asyncio.Lock()):
-            if key not in self.loaded:
-                self.loaded[key] = await self.executor.run(
-                    functools.partial(load_clip_model, key, self.roots, device=self.device, dtype=self.dtype)
-                )
-        return self.loaded[key]
-
-    def available(self) -> list[str]:
-        return [f"checkpoints/{n}" for n in self.roots.list(["checkpoints"])] + [
-            f"clip/{n}" for n in self.roots.list(["clip"])
-        ]
+    def _load(self, name: str) -> ClipModel:
+        return load_clip_model(name, self.roots, device=self.device, dtype=self.dtype)
 
     def models(self) -> list[dict[str, Any]]:
         return [
             {**m.describe(), "dtype": dtype_name(self.dtype), "device": str(self.device)}
-            for m in self.loaded.values()
+            for m in self.resident
         ]
 
     async def startup(self) -> None:
@@ -135,7 +104,7 @@ class ClipService(ModelService):
             if self.cfg.cache:
                 self.cache = ConditioningCache(redis, self.cfg.cache_ttl_s)
         for name in self.cfg.preload:
-            await self.model(name)
+            await self.resident.get(name, preload=True)
 
     async def shutdown(self) -> None:
         await self.batcher.close()
@@ -155,13 +124,13 @@ class ClipService(ModelService):
             spec.key: tokenize(texts[spec.key], spec, bpe, self.embeddings, warnings, self.cfg.max_chunks)
             for spec in model.specs
         }
-        if model.family == "sdxl" and len(chunks["l"]) != len(chunks["g"]):
-            # CLIPTextEncodeSDXL: pad the shorter side with empty-prompt chunks.
+        if "text_g" in part or "text_l" in part:
+            # CLIPTextEncodeSDXL pads the shorter side with empty-prompt chunks (plain CLIPTextEncode
+            # leaves them unequal; the encoder then cuts to the shorter).
+            longest = max(map(len, chunks.values()))
             for spec in model.specs:
                 (empty,) = tokenize("", spec, bpe, None, warnings, 1)
-                chunks[spec.key] += [
-                    list(empty) for _ in range(max(map(len, chunks.values())) - len(chunks[spec.key]))
-                ]
+                chunks[spec.key] += [list(empty) for _ in range(longest - len(chunks[spec.key]))]
         return chunks, list(dict.fromkeys(warnings))
 
     async def _chunks(self, model: ClipModel, part: Params) -> tuple[dict[str, list[Chunk]], list[str]]:
@@ -199,7 +168,7 @@ class ClipService(ModelService):
             self._lora_hashes[path] = known
         return known[2]
 
-    async def _lora_files(self, params: Params) -> list[tuple[str, float]]:
+    def _lora_files(self, params: Params) -> list[tuple[str, float]]:
         raw = params.get("lora") or []
         if not isinstance(raw, list):
             raise BadRequest('params.lora must be a list like [{"name": "x.safetensors", "strength": 0.8}]')
@@ -222,26 +191,33 @@ class ClipService(ModelService):
                 files.append((str(path), float(strength)))
         return files
 
-    async def _lora_stack(self, model: ClipModel, files: list[tuple[str, float]]) -> LoraStack:
+    async def _lora_key(self, files: list[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+        """The stack as (file content hash, strength): what the output depends on, for the cache key."""
+        return tuple([(await asyncio.to_thread(self._lora_digest, path), s) for path, s in files])
+
+    async def _lora_stack(
+        self, model: ClipModel, files: list[tuple[str, float]], key: tuple[tuple[str, float], ...]
+    ) -> LoraStack:
         if not files:
             return LoraStack(())
-        digests = [await asyncio.to_thread(self._lora_digest, path) for path, _ in files]
         for path, _ in files:  # loads (or touches) the adapter and records it in Redis
             await self.lora_cache.aget(path, self.executor.run)
         per_encoder: dict[str, Stack] = {}
-        for key, enc in model.encoders.items():
+        for enc_key, enc in model.encoders.items():
             adapters = [
-                await self.executor.run(self.lora_cache.resolve, path, enc.model, _COMPONENT[key])
+                await self.executor.run(self.lora_cache.resolve, path, enc.model, _COMPONENT[enc_key])
                 for path, _ in files
             ]
-            per_encoder[key] = tuple((a, s) for a, (_, s) in zip(adapters, files, strict=True) if a.factors)
-        return LoraStack(tuple((d, s) for d, (_, s) in zip(digests, files, strict=True)), per_encoder)
+            per_encoder[enc_key] = tuple(
+                (a, s) for a, (_, s) in zip(adapters, files, strict=True) if a.factors
+            )
+        return LoraStack(key, per_encoder)
 
     # -- operations -------------------------------------------------------------------------------------
     async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
         if op not in OPS:
             raise NotFound(f"unknown CLIP operation {op!r}", hint=f"one of {', '.join(OPS)}")
-        model = await self.model(params.get("model"))
+        model = await self.resident.get(params.get("model"))
         if op == "tokenize":
             chunks, warnings = await self._chunks(model, params)
             return {}, {
@@ -250,7 +226,7 @@ class ClipService(ModelService):
                 "warnings": warnings,
             }
         clip_skip = self._clip_skip(params)
-        lora_files = await self._lora_files(params)
+        lora_files = self._lora_files(params)
         out_params: Params = {"model": model.name, "family": model.family, **self._size_params(params)}
         if op == "encode":
             cond, pooled, info = await self._encode(model, params, clip_skip, lora_files, client)
@@ -291,17 +267,17 @@ class ClipService(ModelService):
         client: str,
     ) -> tuple[torch.Tensor, torch.Tensor, Params]:
         chunks, warnings = await self._chunks(model, part)
-        stack = await self._lora_stack(model, lora_files)
+        lora_key = await self._lora_key(lora_files)
         info: Params = {"chunks": max(len(c) for c in chunks.values()), "warnings": warnings, "cache": "off"}
         key = None
         if self.cache is not None and part.get("cache", True):
-            key = cache_key(model.content_id, dtype_name(self.dtype), chunks, clip_skip, stack.key)
+            key = cache_key(model.content_id, dtype_name(self.dtype), chunks, clip_skip, lora_key)
             hit = await self.cache.get(key)
             self.cache_lookups.labels(result="hit" if hit is not None else "miss").inc()
             if hit is not None:
                 return hit[0], hit[1], {**info, "cache": "hit"}
             info["cache"] = "miss"
-        job = EncodeJob(chunks, clip_skip, stack)
+        job = EncodeJob(chunks, clip_skip, await self._lora_stack(model, lora_files, lora_key))
         cond, pooled = await self.batcher.submit(model.name, job, rows=info["chunks"], client=client)
         if key is not None and self.cache is not None:
             await self.cache.put(key, cond, pooled)
@@ -309,7 +285,7 @@ class ClipService(ModelService):
 
     # -- compute thread ---------------------------------------------------------------------------------
     def _run_batch(self, key: Hashable, jobs: Sequence[EncodeJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        model = self.loaded[str(key)]
+        model = self.resident.loaded(str(key))
 
         def lora_plan(encoder: ClipEncoder, row_stacks: Sequence[Hashable]):
             rows = [(1, s.per_encoder.get(encoder.kind, ())) for s in row_stacks]  # type: ignore[attr-defined]
@@ -321,7 +297,7 @@ class ClipService(ModelService):
     # -- extra routes & status ----------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
         async def list_models(request: web.Request) -> web.Response:
-            return web.json_response({"loaded": self.models(), "available": self.available()})
+            return web.json_response({"loaded": self.models(), "available": self.resident.available()})
 
         return [web.get("/v1/clip/models", list_models)]
 

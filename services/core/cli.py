@@ -101,7 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("--token")
 
     sub.add_parser("config", help="print every configuration key as a markdown table")
+    sub.add_parser(
+        "convert", help="write an fp8 or GGUF copy of a UNet (see `luna-stack convert -h`)", add_help=False
+    )
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:  # the UNet package owns its converter's arguments
+        from luna_stack.unet.convert import main as convert_main
+
+        return convert_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":

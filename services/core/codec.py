@@ -28,7 +28,15 @@ _MAX_HEADER = 16 << 20
 
 def encode(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None = None) -> bytes:
     """Serialize CPU-or-GPU tensors (copied to CPU, made contiguous) and JSON params."""
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    cpu: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (views of one tensor, one tensor twice).
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        cpu[name] = t
     metadata = {PARAMS_KEY: json.dumps(dict(params or {}), separators=(",", ":"))}
     return st_save(cpu, metadata=metadata)
 

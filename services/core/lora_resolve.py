@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import BadRequest
+from .errors import BadRequest, ModelLoadError
+from .ldm_layout import unet_ldm_to_diffusers_module_names
 from .lora_format import Component, LoraFactors, LoraFile
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ class ResolvedLora:
     def belongs_to(self, model: nn.Module) -> bool:
         return self.model_ref() is model
 
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.factors.values())
-
 
 _INDEXES: weakref.WeakKeyDictionary[nn.Module, dict[Component, ModuleIndex]] = weakref.WeakKeyDictionary()
 
@@ -75,9 +72,11 @@ def _unet_ldm_aliases(model: nn.Module) -> dict[str, str]:
     config = getattr(model, "config", None)
     if config is None or "down_block_types" not in config:
         return {}
-    from .ldm_layout import unet_ldm_to_diffusers_module_names
-
-    return unet_ldm_to_diffusers_module_names(config)
+    try:
+        return unet_ldm_to_diffusers_module_names(config)
+    except (ModelLoadError, KeyError) as exc:  # a UNet outside the SD1.5/SDXL layout: no LDM names
+        log.warning("LDM-named LoRA keys cannot match this UNet: %s", exc)
+        return {}
 
 
 def _build_index(model: nn.Module, component: Component) -> ModuleIndex:

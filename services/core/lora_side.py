@@ -108,9 +108,7 @@ class LoraSlots:
         end_of_previous = 0
         for start, end, stack in sorted(groups, key=lambda g: g[0]):
             if not 0 <= start < end or start < end_of_previous:
-                raise ValueError(
-                    f"LoRA plan rows must be ordered, disjoint, non-empty ranges: {list(groups)}"
-                )
+                raise ValueError(f"LoRA plan rows must be disjoint, non-empty ranges: {list(groups)}")
             end_of_previous = end
             terms: dict[str, list[_Term]] = {}
             for lora, strength in stack:

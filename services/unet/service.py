@@ -13,14 +13,12 @@ stack applies to its own rows only, beside the frozen weights.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import itertools
 import logging
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +26,10 @@ from aiohttp import web
 
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
-from luna_stack.core.errors import BadRequest, NotFound, UnknownModel
+from luna_stack.core.errors import BadRequest, NotFound
 from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
 from luna_stack.core.queue import connect
+from luna_stack.core.resident import ResidentModels
 from luna_stack.core.service import ModelService, Params, Tensors
 from luna_stack.core.tensors import dtype_name, require_tensor
 
@@ -67,8 +66,9 @@ class UnetService(ModelService):
         super().__init__(settings)
         self.cfg = settings.of(UnetSettings)
         self.precision = self.cfg.precision if self.cfg.precision != "auto" else dtype_name(self.dtype)
-        self.loaded: dict[Path, LoadedUnet] = {}
-        self._loading: dict[Path, asyncio.Lock] = {}
+        self.resident = ResidentModels(
+            "unet", self.roots, FOLDERS, self.executor, self._load, load_on_demand=self.cfg.load_on_demand
+        )
         self._lora_caches: dict[torch.dtype, LoraCache] = {}
         self._redis: Any = None
         self._unbatched = itertools.count()
@@ -82,53 +82,24 @@ class UnetService(ModelService):
         )
 
     # -- models ---------------------------------------------------------------------------------------
-    def _display_name(self, path: Path) -> str:
-        for root in self.roots.roots:
-            if root in path.parents:
-                return path.relative_to(root).as_posix()
-        return path.name
-
-    async def model(self, name: Any) -> LoadedUnet:
-        if not name:
-            if len(self.loaded) == 1:
-                return next(iter(self.loaded.values()))
-            available = ", ".join(self.available()[:20])
-            raise BadRequest("params.model is required", hint=f"available: {available}")
-        if not isinstance(name, str):
-            raise BadRequest("params.model must be a string")
-        path = self.roots.resolve(name, FOLDERS)
-        if path in self.loaded:
-            return self.loaded[path]
-        if not self.cfg.load_on_demand:
-            raise UnknownModel(
-                f"UNet {name!r} is not loaded and load_on_demand is off", hint="add it to unet.preload"
-            )
-        async with self._loading.setdefault(path, asyncio.Lock()):
-            if path not in self.loaded:
-                model = await self.executor.run(
-                    load_unet, self._display_name(path), path, self.precision, self.device
-                )
-                attach_side_paths(model.unet)
-                self.loaded[path] = model
-                log.info("loaded UNet %s (%s, %.1f MiB)", model.name, model.precision, model.nbytes / 2**20)
-        return self.loaded[path]
-
-    def available(self) -> list[str]:
-        return [f"{folder}/{n}" for folder in FOLDERS for n in self.roots.list([folder])]
+    def _load(self, name: str) -> LoadedUnet:
+        model = load_unet(name, self.roots.resolve(name, FOLDERS), self.precision, self.device)
+        attach_side_paths(model.unet)
+        log.info("loaded UNet %s (%s, %.1f MiB)", model.name, model.precision, model.nbytes / 2**20)
+        return model
 
     def models(self) -> list[dict[str, Any]]:
-        return [m.describe() for m in self.loaded.values()]
+        return [m.describe() for m in self.resident]
 
     async def startup(self) -> None:
         if self.settings.core.redis_url:
             self._redis = connect(self.settings.core.redis_url)
         for name in self.cfg.preload:
-            await self.model(name)
+            await self.resident.get(name, preload=True)
 
     async def unload(self, name: str) -> bool:
         """Drop the model; steps already queued for it still finish (they hold their own reference)."""
-        path = self.roots.resolve(name, FOLDERS)
-        if self.loaded.pop(path, None) is None:
+        if not await self.resident.unload(name):
             return False
         await self.executor.run(_release_memory, self.device)
         return True
@@ -173,7 +144,7 @@ class UnetService(ModelService):
     # -- requests -------------------------------------------------------------------------------------
     async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
         if op == "load":
-            model = await self.model(params.get("model"))
+            model = await self.resident.get(params.get("model"))
             return {}, model.describe()
         if op == "unload":
             name = params.get("model")
@@ -196,7 +167,7 @@ class UnetService(ModelService):
         return {"out": out}, {"model": step.model.name, "batch_rows": rows}
 
     async def _parse_step(self, tensors: Tensors, params: Params) -> _Step:
-        model = await self.model(params.get("model"))
+        model = await self.resident.get(params.get("model"))
         unknown = sorted(n for n in tensors if n not in _STEP_TENSORS and not n.startswith("control."))
         if unknown:
             raise BadRequest(f"unexpected tensors {unknown}", hint="x, timesteps, context, y, control.*")
@@ -246,7 +217,7 @@ class UnetService(ModelService):
     # -- extra routes & status ------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
         async def list_models(request: web.Request) -> web.Response:
-            return web.json_response({"loaded": self.models(), "available": self.available()})
+            return web.json_response({"loaded": self.models(), "available": self.resident.available()})
 
         async def delete_model(request: web.Request) -> web.Response:
             name = request.match_info["name"]

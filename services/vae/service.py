@@ -3,11 +3,9 @@ POST /v1/vae/unload. Concurrent requests for the same model, operation and shape
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +13,8 @@ from aiohttp import web
 
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
-from luna_stack.core.errors import BadRequest, InvalidTensor, NotFound, UnknownModel
+from luna_stack.core.errors import BadRequest, InvalidTensor, NotFound
+from luna_stack.core.resident import ResidentModels
 from luna_stack.core.service import ModelService, Params, Tensors
 from luna_stack.core.tensors import require_tensor
 
@@ -41,8 +40,9 @@ class VaeService(ModelService):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.cfg = settings.of(VaeSettings)
-        self.loaded: dict[Path, VaeModel] = {}
-        self._loading: dict[Path, asyncio.Lock] = {}
+        self.resident = ResidentModels(
+            "vae", self.roots, FOLDERS, self.executor, self._load, load_on_demand=self.cfg.load_on_demand
+        )
         self.batcher: Batcher[_Work, torch.Tensor] = Batcher(
             "vae",
             self._run_batch,
@@ -54,57 +54,21 @@ class VaeService(ModelService):
         self.oom_fallbacks = 0
 
     # -- models ---------------------------------------------------------------------------------------
-    def _display_name(self, path: Path) -> str:
-        for root in self.roots.roots:
-            if root in path.parents:
-                return path.relative_to(root).as_posix()
-        return path.name
-
-    async def model(self, name: str | None, *, preload: bool = False) -> VaeModel:
-        if not name:
-            if len(self.loaded) == 1:
-                return next(iter(self.loaded.values()))
-            raise BadRequest(
-                "params.model is required", hint=f"available: {', '.join(self.available()[:20])}"
-            )
-        if not isinstance(name, str):
-            raise BadRequest("params.model must be a string")
-        path = self.roots.resolve(name, FOLDERS)
-        if path in self.loaded:
-            return self.loaded[path]
-        if not (preload or self.cfg.load_on_demand):
-            raise UnknownModel(
-                f"VAE {name!r} is not loaded and load_on_demand is off",
-                hint="add it to vae.preload (LUNA_VAE_PRELOAD)",
-            )
-        async with self._loading.setdefault(path, asyncio.Lock()):
-            if path not in self.loaded:
-                self.loaded[path] = await self.executor.run(
-                    load_vae, self._display_name(path), path, self.device, self.dtype
-                )
-        return self.loaded[path]
-
-    def available(self) -> list[str]:
-        return [f"vae/{n}" for n in self.roots.list(["vae"])] + [
-            f"checkpoints/{n}" for n in self.roots.list(["checkpoints"])
-        ]
+    def _load(self, name: str) -> VaeModel:
+        return load_vae(name, self.roots.resolve(name, FOLDERS), self.device, self.dtype)
 
     def models(self) -> list[dict[str, Any]]:
-        return [m.describe() for m in self.loaded.values()]
+        return [m.describe() for m in self.resident]
 
     async def startup(self) -> None:
         for name in self.cfg.preload:
-            await self.model(name, preload=True)
+            await self.resident.get(name, preload=True)
 
     async def unload(self, name: str) -> bool:
-        path = self.roots.resolve(name, FOLDERS)
-        model = self.loaded.pop(path, None)
-        if model is None:
-            return False
-        del model
-        if self.device.type == "cuda":
+        unloaded = await self.resident.unload(name)
+        if unloaded and self.device.type == "cuda":
             await self.executor.run(torch.cuda.empty_cache)
-        return True
+        return unloaded
 
     # -- requests -------------------------------------------------------------------------------------
     def _check_size(self, height: int, width: int) -> None:
@@ -125,20 +89,20 @@ class VaeService(ModelService):
         if min(tile_x, tile_y) < 4 or overlap < 0 or overlap >= min(tile_x, tile_y) // 2:
             raise BadRequest(
                 f"invalid tiling tile_x={tile_x} tile_y={tile_y} overlap={overlap}",
-                hint="tiles need at least 4 units, and overlap < half the smallest tile side (tiles are halved in one pass)",
+                hint="tiles need at least 4 units, and overlap < half the smallest tile side",
             )
         return tile_y, tile_x, overlap
 
     async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
         if op not in OPS:
             raise NotFound(f"unknown VAE operation {op!r}", hint=f"one of {', '.join(OPS)}")
-        model = await self.model(params.get("model"))
+        model = await self.resident.get(params.get("model"))
         request_id = params.get("request_id")
         if op.startswith("decode"):
             latent = require_tensor(tensors, "latent", rank=4, dims={1: model.latent_channels})
             self._check_size(latent.shape[2] * SCALE, latent.shape[3] * SCALE)
             tiles = self._tiles(params, SCALE) if op == "decode_tiled" else None
-            key: Hashable = (op, model.path, tuple(latent.shape[1:]), latent.dtype, tiles)
+            key: Hashable = (op, model.name, tuple(latent.shape[1:]), latent.dtype, tiles)
             out = await self.batcher.submit(
                 key, _Work(latent, request_id), rows=latent.shape[0], client=client
             )
@@ -152,14 +116,14 @@ class VaeService(ModelService):
             )
         self._check_size(image.shape[1], image.shape[2])
         tiles = self._tiles(params, 1) if op == "encode_tiled" else None
-        key = (op, model.path, tuple(image.shape[1:]), image.dtype, tiles)
+        key = (op, model.name, tuple(image.shape[1:]), image.dtype, tiles)
         out = await self.batcher.submit(key, _Work(image, request_id), rows=image.shape[0], client=client)
         return {"latent": out}, {"model": model.name}
 
     # -- compute thread -------------------------------------------------------------------------------
     def _run_batch(self, key: Hashable, items: Sequence[_Work]) -> list[torch.Tensor]:
-        op, path, _shape, _dtype, tiles = key  # type: ignore[misc]
-        model = self.loaded[path]
+        op, name, _shape, _dtype, tiles = key  # type: ignore[misc]
+        model = self.resident.loaded(name)
         batch = torch.cat([w.tensor for w in items]).to(self.device)
         if op == "decode":
             out = self._decode_or_tile(model, batch)
@@ -191,7 +155,7 @@ class VaeService(ModelService):
     # -- extra routes & status ----------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
         async def list_models(request: web.Request) -> web.Response:
-            return web.json_response({"loaded": self.models(), "available": self.available()})
+            return web.json_response({"loaded": self.models(), "available": self.resident.available()})
 
         async def unload(request: web.Request) -> web.Response:
             body = await request.json() if request.can_read_body else {}

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import socket
-import statistics
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from luna_stack.core.app import create_app
 from luna_stack.core.config import load_settings
+from luna_stack.core.embedded import free_port
 from luna_stack.core.fixtures import unet_config, write_unet
 from luna_stack.core.lora_fixtures import write_lora
 from luna_stack.unet.service import UnetService, build
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .common import write_results
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -86,12 +82,6 @@ def models_root(args: argparse.Namespace):
         yield Path(tmp)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def serve(
     args: argparse.Namespace, root: Path, **unet_env: Any
@@ -104,7 +94,7 @@ async def serve(
         **{f"LUNA_UNET_{k.upper()}": str(v) for k, v in unet_env.items()},
     }
     service = build(load_settings(None, env=env))
-    port = _free_port()
+    port = free_port()
     runner = web.AppRunner(create_app(service, port))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -127,50 +117,6 @@ def step_inputs(model, rows: int, latent: int, seed: int) -> dict[str, torch.Ten
     return inputs
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-async def timed(fn: Callable[[], Awaitable[Any]], repeats: int) -> list[float]:
-    await fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def median_ms(times: list[float]) -> float:
-    return statistics.median(times) * 1000
-
-
-def write_results(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'-small' if args.small else ''}.json"
-    meta = {
-        "benchmark": name,
-        "family": args.family,
-        "size": args.size,
-        "latent": args.latent,
-        "steps": args.steps,
-        "device": device,
-        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    return path
-
-
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
-    print("  ".join(c.rjust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in columns))
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+def save(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str) -> Path:
+    meta = {"family": args.family, "size": args.size, "latent": args.latent, "steps": args.steps}
+    return write_results(name, args.small, meta, rows, device)

@@ -1,4 +1,4 @@
-"""The UNet benchmark scripts still run (small CPU fixtures) and write their tables and JSON."""
+"""The benchmark scripts still run (small CPU fixtures) and write their tables and JSON."""
 
 from __future__ import annotations
 
@@ -22,13 +22,18 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
             {"batched/unbatched", "batched/in_process"},
         ),
         ("bench_unet_lora.py", "unet_lora-small.json", {"case", "step_ms", "vs_0_loras"}),
+        ("bench_vae_overhead.py", "vae_overhead-small.json", {"in_process_ms", "http_ms", "ratio"}),
     ],
 )
 def test_bench_script_runs_small(script: str, result: str, columns: set[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    extra = ["--clients", "1,2"] if "throughput" in script else []
+    extra = {
+        "bench_unet_throughput.py": ["--steps", "1", "--clients", "1,2"],
+        "bench_unet_lora.py": ["--steps", "1"],
+        "bench_vae_overhead.py": ["--repeats", "1", "--rounds", "1", "--sizes", "64"],
+    }[script]
     proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--small", "--steps", "1", *extra],
+        [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--small", *extra],
         capture_output=True,
         text=True,
         timeout=280,
@@ -38,5 +43,5 @@ def test_bench_script_runs_small(script: str, result: str, columns: set[str]) ->
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "results:" in proc.stdout
     data = json.loads((BENCH / "results" / result).read_text())
-    assert data["meta"]["size"] == "small" and data["rows"]
+    assert data["meta"]["device"] == "cpu" and data["rows"]
     assert columns <= set(data["rows"][0])
