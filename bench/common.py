@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -51,7 +52,9 @@ def write_results(
     name: str, small: bool, meta: dict[str, Any], rows: list[dict[str, Any]], device: str
 ) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'-small' if small else ''}.json"
+    # Smoke runs on the CPU fixtures are not results; real runs are kept per device.
+    slug = "small" if small else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    path = RESULTS / f"{name}-{slug}.json"
     meta = {
         "benchmark": name,
         **meta,

@@ -23,6 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
         ),
         ("bench_unet_lora.py", "unet_lora-small.json", {"case", "step_ms", "vs_0_loras"}),
         ("bench_vae_overhead.py", "vae_overhead-small.json", {"in_process_ms", "http_ms", "ratio"}),
+        ("bench_clip.py", "clip-small.json", {"prompts", "merged_ms", "sequential/merged"}),
     ],
 )
 def test_bench_script_runs_small(script: str, result: str, columns: set[str]) -> None:
@@ -31,6 +32,7 @@ def test_bench_script_runs_small(script: str, result: str, columns: set[str]) ->
         "bench_unet_throughput.py": ["--steps", "1", "--clients", "1,2"],
         "bench_unet_lora.py": ["--steps", "1"],
         "bench_vae_overhead.py": ["--repeats", "1", "--rounds", "1", "--sizes", "64"],
+        "bench_clip.py": ["--repeats", "2", "--batches", "1,2"],
     }[script]
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--small", *extra],

@@ -1,7 +1,8 @@
 """Dynamic batching: concurrent requests with the same key run as one forward.
 
 A key is whatever makes rows stackable (model, shape, dtype...). The dispatcher takes the key whose
-oldest request waited longest, lets the batch fill for at most `max_delay_ms` (or until `max_rows`),
+oldest request waited longest, lets the batch fill for at most `max_delay_ms` (or until `max_rows`, or
+until every client recently active on that key has a request waiting, so a lone client never waits),
 and picks rows round-robin across clients so one busy client cannot starve the others. If a merged
 batch fails, each request is retried alone, so one bad request fails only itself.
 """
@@ -52,6 +53,9 @@ class Batcher(Generic[I, R]):
         self.max_delay = max_delay_ms / 1000.0
         self._metrics = metrics
         self._pending: list[_Pending[I, R]] = []
+        # (key, client) -> when it last submitted: who may still join a filling batch.
+        self._last_seen: dict[tuple[Hashable, str], float] = {}
+        self._last_compute = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -67,6 +71,7 @@ class Batcher(Generic[I, R]):
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(key, item, rows, client, future))
+        self._last_seen[(key, client)] = time.monotonic()
         self._wakeup.set()
         return await future
 
@@ -107,6 +112,16 @@ class Batcher(Generic[I, R]):
     def _ready_rows(self, key: Hashable) -> int:
         return sum(p.rows for p in self._pending if p.key == key)
 
+    def _everyone_waiting(self, key: Hashable) -> bool:
+        """True when no client that used this key lately is missing from the pending requests."""
+        now = time.monotonic()
+        # A client between two steps comes back within about one forward; allow a few.
+        window = max(0.2, 4 * self._last_compute)
+        for stale in [k for k, t in self._last_seen.items() if now - t > window]:
+            del self._last_seen[stale]
+        recent = {client for (k, client) in self._last_seen if k == key}
+        return recent <= {p.client for p in self._pending if p.key == key}
+
     async def _dispatch(self) -> None:
         while True:
             self._pending = [p for p in self._pending if not p.future.cancelled()]
@@ -117,7 +132,11 @@ class Batcher(Generic[I, R]):
             oldest = min(self._pending, key=lambda p: p.enqueued)
             deadline = oldest.enqueued + self.max_delay
             # Let the batch fill until it is full or the oldest request has waited max_delay.
-            while self._ready_rows(oldest.key) < self.max_rows and time.monotonic() < deadline:
+            while (
+                self._ready_rows(oldest.key) < self.max_rows
+                and time.monotonic() < deadline
+                and not self._everyone_waiting(oldest.key)
+            ):
                 self._wakeup.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - time.monotonic()))
@@ -148,8 +167,9 @@ class Batcher(Generic[I, R]):
                     await self._execute([p])
             return
         finally:
+            self._last_compute = time.monotonic() - started
             if self._metrics is not None:
-                self._metrics.compute_seconds.labels(op=self.op).observe(time.monotonic() - started)
+                self._metrics.compute_seconds.labels(op=self.op).observe(self._last_compute)
         for p, result in zip(batch, results, strict=True):
             self._resolve(p, result=result)
 

@@ -74,7 +74,7 @@ class VaeModel:
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         out = self._guarded(self._decode_raw, latent)
-        return torch.clamp((out + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+        return torch.clamp((out + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).contiguous()  # NHWC on the device
 
     @torch.inference_mode()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class VaeModel:
             )
 
         out = self._guarded(run)
-        return torch.clamp((out + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1)
+        return torch.clamp((out + 1.0) / 2.0, 0.0, 1.0).movedim(1, -1).contiguous()  # NHWC on the device
 
     @torch.inference_mode()
     def encode_tiled(
