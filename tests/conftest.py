@@ -21,6 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from luna_stack.core.config import Settings, load_settings
 from luna_stack.core.embedded import EmbeddedService, free_port
 from luna_stack.core.fixtures import write_models_dir
+from luna_stack.core.localrun import start_redis_server
 from luna_stack.core.service import ModelService
 
 
@@ -35,27 +36,10 @@ class RedisServer:
 
 
 def start_redis(tmp: Path) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: apt-get install redis-server (the tests need a real one)")
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_redis_server(port, tmp, durable=False)
     server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
     deadline = time.monotonic() + 10
     while True:

@@ -9,11 +9,9 @@ Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
-import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +22,7 @@ from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
 from luna_stack.core.errors import BadRequest, NotFound
 from luna_stack.core.lora import LoraCache, Stack, row_groups
+from luna_stack.core.lora_request import parse_stack
 from luna_stack.core.queue import connect
 from luna_stack.core.resident import ResidentModels
 from luna_stack.core.service import ModelService, Params, Tensors
@@ -70,7 +69,6 @@ class ClipService(ModelService):
         )
         self.embeddings = EmbeddingStore(root / "embeddings" for root in self.roots.roots)
         self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
-        self._lora_hashes: dict[str, tuple[int, int, str]] = {}
         self.cache: ConditioningCache | None = None
         self.cache_lookups = Counter(
             "luna_clip_cache_lookups_total",
@@ -158,54 +156,19 @@ class ClipService(ModelService):
             )
         return value
 
-    def _lora_digest(self, path: str) -> str:
-        """sha256 of a LoRA file, remembered against its size and mtime."""
-        st = os.stat(path)
-        known = self._lora_hashes.get(path)
-        if known is None or known[:2] != (st.st_size, st.st_mtime_ns):
-            with open(path, "rb") as f:
-                known = (st.st_size, st.st_mtime_ns, hashlib.file_digest(f, "sha256").hexdigest())
-            self._lora_hashes[path] = known
-        return known[2]
-
-    def _lora_files(self, params: Params) -> list[tuple[str, float]]:
-        raw = params.get("lora") or []
-        if not isinstance(raw, list):
-            raise BadRequest('params.lora must be a list like [{"name": "x.safetensors", "strength": 0.8}]')
-        files = []
-        for item in raw:
-            name = item.get("name") if isinstance(item, dict) else None
-            strength = item.get("strength", 1.0) if isinstance(item, dict) else None
-            if (
-                not isinstance(name, str)
-                or isinstance(strength, bool)
-                or not isinstance(strength, int | float)
-            ):
-                raise BadRequest(
-                    f"invalid LoRA entry {item!r}", hint='{"name": "x.safetensors", "strength": 1.0}'
-                )
-            if not math.isfinite(strength):
-                raise BadRequest(f"LoRA {name}: strength must be finite")
-            path = self.roots.resolve(name, ["loras"])
-            if strength != 0:
-                files.append((str(path), float(strength)))
-        return files
-
-    async def _lora_key(self, files: list[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    async def _lora_key(self, files: list[tuple[Path, float]]) -> tuple[tuple[str, float], ...]:
         """The stack as (file content hash, strength): what the output depends on, for the cache key."""
-        return tuple([(await asyncio.to_thread(self._lora_digest, path), s) for path, s in files])
+        return tuple([(await asyncio.to_thread(self.lora_cache.digest, path), s) for path, s in files])
 
     async def _lora_stack(
-        self, model: ClipModel, files: list[tuple[str, float]], key: tuple[tuple[str, float], ...]
+        self, model: ClipModel, files: list[tuple[Path, float]], key: tuple[tuple[str, float], ...]
     ) -> LoraStack:
         if not files:
             return LoraStack(())
-        for path, _ in files:  # loads (or touches) the adapter and records it in Redis
-            await self.lora_cache.aget(path, self.executor.run)
         per_encoder: dict[str, Stack] = {}
         for enc_key, enc in model.encoders.items():
             adapters = [
-                await self.executor.run(self.lora_cache.resolve, path, enc.model, _COMPONENT[enc_key])
+                await self.lora_cache.aresolve(path, enc.model, _COMPONENT[enc_key], self.executor.run)
                 for path, _ in files
             ]
             per_encoder[enc_key] = tuple(
@@ -226,7 +189,7 @@ class ClipService(ModelService):
                 "warnings": warnings,
             }
         clip_skip = self._clip_skip(params)
-        lora_files = self._lora_files(params)
+        lora_files = parse_stack(params.get("lora"), self.roots)
         out_params: Params = {"model": model.name, "family": model.family, **self._size_params(params)}
         if op == "encode":
             cond, pooled, info = await self._encode(model, params, clip_skip, lora_files, client)
@@ -263,7 +226,7 @@ class ClipService(ModelService):
         model: ClipModel,
         part: Params,
         clip_skip: int | None,
-        lora_files: list[tuple[str, float]],
+        lora_files: list[tuple[Path, float]],
         client: str,
     ) -> tuple[torch.Tensor, torch.Tensor, Params]:
         chunks, warnings = await self._chunks(model, part)

@@ -46,33 +46,24 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _start_redis(state_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_redis_server(port: int, data_dir: Path, *, durable: bool) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:port keeping its files in data_dir (with durable: an append-only log,
+    so queued jobs survive a restart of the stack too)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError(
-            "no LUNA_REDIS_URL and no redis-server on PATH: install redis (apt-get install "
-            "redis-server) or point LUNA_REDIS_URL at one"
+            "no redis-server on PATH: install redis (apt-get install redis-server) "
+            "or point LUNA_REDIS_URL at a running one"
         )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()), "--save", ""]
+    args += ["--appendonly", "yes" if durable else "no", "--logfile", "redis.log"]
+    return subprocess.Popen([binary, *args])
+
+
+def _start_redis(state_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = next(p for p in range(6390, 6490) if _port_free(p))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    # appendonly: queued jobs survive a restart of the local stack too.
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(state_dir.resolve()),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--logfile",
-            "redis.log",
-        ],
-    )
+    proc = start_redis_server(port, state_dir, durable=True)
     url = f"redis://127.0.0.1:{port}/0"
     log.info("redis-server on %s (data in %s)", url, state_dir)
     return proc, url

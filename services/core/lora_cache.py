@@ -88,7 +88,34 @@ class LoraCache:
     def resolve(self, path: str | os.PathLike[str], model: nn.Module, component: Component) -> ResolvedLora:
         """`lora_resolve.resolve` of the cached file, memoised with the entry (dropped on eviction)."""
         with self._lock:
-            found = self._lookup(path)
+            return self._bind(self._lookup(path), model, component)
+
+    async def aresolve(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        component: Component,
+        run: Callable[..., Awaitable[Any]] | None = None,
+    ) -> ResolvedLora:
+        """`resolve` through `run` (e.g. GpuExecutor.run), then recorded in Redis: one lookup, one count."""
+
+        def lookup_and_bind() -> tuple[_Lookup, ResolvedLora]:
+            with self._lock:
+                found = self._lookup(path)
+                return found, self._bind(found, model, component)
+
+        found, resolved = await run(lookup_and_bind) if run else lookup_and_bind()
+        if self.redis is not None:
+            await self._publish(found)
+        return resolved
+
+    def digest(self, path: str | os.PathLike[str]) -> str:
+        """The file's sha256 (what identifies an adapter), remembered against its size and mtime."""
+        with self._lock:
+            return self._digest(os.fspath(path))[0]
+
+    def _bind(self, found: _Lookup, model: nn.Module, component: Component) -> ResolvedLora:
+        with self._lock:
             entry = self._entries.get(found.digest)
             key = (id(model), component)
             cached = entry.resolved.get(key) if entry else None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
 from luna_stack.core.errors import BadRequest, NotFound
 from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
+from luna_stack.core.lora_request import parse_stack
 from luna_stack.core.queue import connect
 from luna_stack.core.resident import ResidentModels
 from luna_stack.core.service import ModelService, Params, Tensors
@@ -118,27 +118,11 @@ class UnetService(ModelService):
         return self._lora_caches[dtype]
 
     async def _lora_stack(self, model: LoadedUnet, spec: Any) -> tuple[tuple[ResolvedLora, float], ...]:
-        if spec is None:
-            return ()
-        if not isinstance(spec, list) or not all(isinstance(e, dict) for e in spec):
-            raise BadRequest('params.lora must be a list of {"name": str, "strength": number}')
-        if len(spec) > self.cfg.max_loras:
-            raise BadRequest(f"{len(spec)} LoRAs in one request; unet.max_loras is {self.cfg.max_loras}")
         cache = self._lora_cache(model.dtype)
         stack = []
-        for entry in spec:
-            name, strength = entry.get("name"), entry.get("strength", 1.0)
-            if not isinstance(name, str):
-                raise BadRequest("each LoRA needs a string name")
-            numeric = isinstance(strength, int | float) and not isinstance(strength, bool)
-            if not numeric or not math.isfinite(strength):
-                raise BadRequest(f"LoRA {name}: strength must be a finite number, got {strength!r}")
-            if strength == 0:
-                continue
-            path = self.roots.resolve(name, ("loras",))
-            await cache.aget(path, run=self.executor.run)
-            resolved = await self.executor.run(cache.resolve, path, model.unet, "unet")
-            stack.append((resolved, float(strength)))
+        for path, strength in parse_stack(spec, self.roots, self.cfg.max_loras):
+            resolved = await cache.aresolve(path, model.unet, "unet", self.executor.run)
+            stack.append((resolved, strength))
         return tuple(stack)
 
     # -- requests -------------------------------------------------------------------------------------
