@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from luna_stack.core.client import AsyncClient
 from luna_stack.core.config import load_settings
 from luna_stack.core.embedded import EmbeddedService
+from luna_stack.core.executor import GpuExecutor
 from luna_stack.core.fixtures import write_vae
 from luna_stack.core.gpu import select_device
 from luna_stack.vae.service import build
@@ -42,6 +43,7 @@ async def measure(args: argparse.Namespace, root: Path) -> list[dict]:
         "LUNA_VAE_MAX_DELAY_MS": "0",
     }
     rows = []
+    local_thread = GpuExecutor("in-process")
     with EmbeddedService(build(load_settings(None, env=env))) as svc:
         model = next(iter(svc.service.resident))
         async with AsyncClient("vae", url=svc.url) as client:
@@ -50,10 +52,13 @@ async def measure(args: argparse.Namespace, root: Path) -> list[dict]:
                     1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(side)
                 )
 
-                async def in_process(latent: torch.Tensor = latent) -> None:
-                    image = model.decode(latent.to(model.device))
-                    image.cpu()
+                def decode_to_cpu(latent: torch.Tensor = latent) -> None:
+                    model.decode(latent.to(model.device)).cpu()
                     sync(model.device)
+
+                async def in_process() -> None:
+                    # On a compute thread of its own, as ComfyUI's worker thread runs it.
+                    await local_thread.run(decode_to_cpu)
 
                 async def over_http(latent: torch.Tensor = latent) -> None:
                     await client.call("decode", {"latent": latent}, {"model": "bench-vae"})
@@ -70,6 +75,7 @@ async def measure(args: argparse.Namespace, root: Path) -> list[dict]:
                 row["overhead_ms"] = row["http_ms"] - row["in_process_ms"]
                 row["ratio"] = row["http_ms"] / row["in_process_ms"]
                 rows.append(row)
+    local_thread.shutdown()
     return rows
 
 
