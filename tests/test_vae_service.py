@@ -290,3 +290,10 @@ def test_unload_and_preload(models_dir: Path, start_service) -> None:
         with urllib.request.urlopen(req) as resp:
             assert json.loads(resp.read())["unloaded"] is True
         assert client.status()["models"] == []
+        # The same through the client (safetensors in and out), as comfy_nodes calls it.
+        _, described = client.call("load", None, {"model": name})
+        assert described["name"] == name and described["bytes"] > 0
+        _, reply = client.call("unload", None, {"model": name})
+        assert reply == {"model": name, "unloaded": True}
+        with pytest.raises(BadRequest, match="model"):
+            client.call("unload", None, {})

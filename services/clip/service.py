@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from aiohttp import web
 from prometheus_client import Counter
 
 from luna_stack.core.batching import Batcher
@@ -257,13 +256,7 @@ class ClipService(ModelService):
         results = encode_jobs(model.encoders, model.family, jobs, lora_plan)
         return [(cond.cpu(), pooled.cpu()) for cond, pooled in results]
 
-    # -- extra routes & status ----------------------------------------------------------------------------
-    def routes(self) -> list[web.RouteDef]:
-        async def list_models(request: web.Request) -> web.Response:
-            return web.json_response({"loaded": self.models(), "available": self.resident.available()})
-
-        return [web.get("/v1/clip/models", list_models)]
-
+    # -- status ---------------------------------------------------------------------------------------------
     def queue_depth(self) -> int:
         return self.batcher.depth
 

@@ -108,6 +108,26 @@ async def _run_op(request: web.Request) -> web.StreamResponse:
     return await codec.write_tensors(request, out, out_params)
 
 
+async def _models(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response({"loaded": service.models(), "available": service.resident.available()})
+
+
+async def _load_or_unload(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    _tensors, params = await codec.read_tensors(request, _body_limit(request))
+    name = params.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadRequest('send {"model": "<name>"}', hint=f"loaded: {[m['name'] for m in service.models()]}")
+    if request.match_info["action"] == "load":
+        result = await service.load(name)
+    else:
+        result = {"model": name, "unloaded": await service.unload(name)}
+    if request.content_type == "application/json":
+        return web.json_response(result)
+    return await codec.write_tensors(request, {}, result)  # the client's call(): blob in, blob out
+
+
 def _body_limit(request: web.Request) -> int:
     return int(request.app[SERVICE].settings.core.max_body_mb * (1 << 20))
 
@@ -243,6 +263,8 @@ def create_app(service: ModelService, port: int) -> web.Application:
     app.router.add_get("/v1/status", _status)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/progress/{request_id}", _progress)
+    app.router.add_get(f"/v1/{kind}/models", _models)
+    app.router.add_post(f"/v1/{kind}/{{action:load|unload}}", _load_or_unload)
     app.router.add_routes(service.routes())
     app.router.add_post(f"/v1/{kind}/jobs/{{op}}", _submit_job)
     app.router.add_get("/v1/jobs/{job_id}", _job_result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import gc
 import os
 import socket
 import uuid
@@ -17,6 +18,7 @@ from .gpu import gpu_uuid, select_device, select_dtype
 from .metrics import Metrics
 from .paths import ModelRoots
 from .progress import ProgressTable
+from .resident import ResidentModels
 from .tensors import dtype_name
 
 Tensors = dict[str, torch.Tensor]
@@ -26,6 +28,7 @@ Params = dict[str, Any]
 class ModelService(abc.ABC):
     kind: ClassVar[str]
     default_port: ClassVar[int]
+    resident: ResidentModels[Any]  # set by each service: its models by canonical name
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -53,6 +56,17 @@ class ModelService(abc.ABC):
     async def shutdown(self) -> None:
         self.executor.shutdown()
 
+    async def load(self, name: str) -> dict[str, Any]:
+        """POST /v1/<kind>/load {"model": name}: make a model resident now (not on first use)."""
+        return (await self.resident.get(name, preload=True)).describe()
+
+    async def unload(self, name: str) -> bool:
+        """POST /v1/<kind>/unload {"model": name}. Requests already holding the model still finish."""
+        if not await self.resident.unload(name):
+            return False
+        await self.executor.run(_release_memory, self.device)
+        return True
+
     def routes(self) -> list[web.RouteDef]:
         """Service-specific routes besides POST /v1/<kind>/<op>."""
         return []
@@ -72,3 +86,9 @@ class ModelService(abc.ABC):
             "dtype": dtype_name(self.dtype),
             "gpu_uuid": self.gpu_uuid,
         }
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

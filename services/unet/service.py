@@ -13,7 +13,6 @@ stack applies to its own rows only, beside the frozen weights.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 from collections.abc import Hashable, Sequence
@@ -39,7 +38,7 @@ from .step import BlockResiduals, check_control, control_from_wire, input_block_
 
 log = logging.getLogger(__name__)
 FOLDERS = ("unet", "checkpoints")
-OPS = ("step", "load", "unload")
+OPS = ("step",)
 _STEP_TENSORS = {"x", "timesteps", "context", "y"}
 
 
@@ -97,13 +96,6 @@ class UnetService(ModelService):
         for name in self.cfg.preload:
             await self.resident.get(name, preload=True)
 
-    async def unload(self, name: str) -> bool:
-        """Drop the model; steps already queued for it still finish (they hold their own reference)."""
-        if not await self.resident.unload(name):
-            return False
-        await self.executor.run(_release_memory, self.device)
-        return True
-
     # -- LoRA -----------------------------------------------------------------------------------------
     def _lora_cache(self, dtype: torch.dtype) -> LoraCache:
         # Adapters are kept in the compute dtype of the model they serve (fp8 models compute in bf16).
@@ -127,14 +119,6 @@ class UnetService(ModelService):
 
     # -- requests -------------------------------------------------------------------------------------
     async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
-        if op == "load":
-            model = await self.resident.get(params.get("model"))
-            return {}, model.describe()
-        if op == "unload":
-            name = params.get("model")
-            if not isinstance(name, str):
-                raise BadRequest('params must be {"model": "<name>"}')
-            return {}, {"model": name, "unloaded": await self.unload(name)}
         if op != "step":
             raise NotFound(f"unknown UNet operation {op!r}", hint=f"one of {', '.join(OPS)}")
         step = await self._parse_step(tensors, params)
@@ -200,25 +184,11 @@ class UnetService(ModelService):
 
     # -- extra routes & status ------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
-        async def list_models(request: web.Request) -> web.Response:
-            return web.json_response({"loaded": self.models(), "available": self.resident.available()})
-
         async def delete_model(request: web.Request) -> web.Response:
             name = request.match_info["name"]
             return web.json_response({"model": name, "unloaded": await self.unload(name)})
 
-        async def unload(request: web.Request) -> web.Response:
-            body = await request.json() if request.can_read_body else {}
-            name = body.get("model") if isinstance(body, dict) else None
-            if not isinstance(name, str):
-                raise BadRequest('body must be {"model": "<name>"}')
-            return web.json_response({"model": name, "unloaded": await self.unload(name)})
-
-        return [
-            web.get("/v1/unet/models", list_models),
-            web.delete("/v1/unet/models/{name:.+}", delete_model),
-            web.post("/v1/unet/unload", unload),
-        ]
+        return [web.delete("/v1/unet/models/{name:.+}", delete_model)]
 
     def queue_depth(self) -> int:
         return self.batcher.depth
@@ -244,12 +214,6 @@ class UnetService(ModelService):
         if self._redis is not None:
             await self._redis.aclose()
         await super().shutdown()
-
-
-def _release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def build(settings: Settings) -> UnetService:

@@ -1,5 +1,5 @@
-"""The VAE service: POST /v1/vae/{decode,encode,decode_tiled,encode_tiled}, GET /v1/vae/models,
-POST /v1/vae/unload. Concurrent requests for the same model, operation and shape run as one batch."""
+"""The VAE service: POST /v1/vae/{decode,encode,decode_tiled,encode_tiled}.
+Concurrent requests for the same model, operation and shape run as one batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from aiohttp import web
 
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
@@ -63,12 +62,6 @@ class VaeService(ModelService):
     async def startup(self) -> None:
         for name in self.cfg.preload:
             await self.resident.get(name, preload=True)
-
-    async def unload(self, name: str) -> bool:
-        unloaded = await self.resident.unload(name)
-        if unloaded and self.device.type == "cuda":
-            await self.executor.run(torch.cuda.empty_cache)
-        return unloaded
 
     # -- requests -------------------------------------------------------------------------------------
     def _check_size(self, height: int, width: int) -> None:
@@ -152,20 +145,7 @@ class VaeService(ModelService):
         tile = self.cfg.tile_size // SCALE
         return model.decode_tiled(latent, tile, tile, self.cfg.tile_overlap // SCALE)
 
-    # -- extra routes & status ----------------------------------------------------------------------------
-    def routes(self) -> list[web.RouteDef]:
-        async def list_models(request: web.Request) -> web.Response:
-            return web.json_response({"loaded": self.models(), "available": self.resident.available()})
-
-        async def unload(request: web.Request) -> web.Response:
-            body = await request.json() if request.can_read_body else {}
-            name = body.get("model") if isinstance(body, dict) else None
-            if not isinstance(name, str):
-                raise BadRequest('body must be {"model": "<name>"}')
-            return web.json_response({"model": name, "unloaded": await self.unload(name)})
-
-        return [web.get("/v1/vae/models", list_models), web.post("/v1/vae/unload", unload)]
-
+    # -- status ---------------------------------------------------------------------------------------------
     def queue_depth(self) -> int:
         return self.batcher.depth
 

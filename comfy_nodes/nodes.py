@@ -1,0 +1,298 @@
+"""The pack's nodes. Loaders return proxies ComfyUI's standard nodes accept; the Luna-compatible nodes
+(for users of the Luna daemon) call the services directly. Lists come from the services themselves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+
+from .errors import LunaNodeError
+from .remote import Services, services
+from .vae_proxy import VaeProxy
+from .wire import SIZE_KEYS, conditioning, latent, size_params
+
+log = logging.getLogger("luna_stack.comfy")
+CATEGORY = "Luna Stack"
+NONE = "none"
+
+
+def _choices(kind: str, *folders: str) -> list[str]:
+    """A service's models under the given folders; empty (with a warning) while the service is down."""
+    try:
+        names = services().models(kind)
+    except LunaNodeError as exc:
+        log.warning("Luna Stack: no %s model list: %s", kind, exc)
+        return []
+    return [n for n in names if not folders or n.split("/", 1)[0] in folders]
+
+
+def _clip_proxy(svc: Services, model: str, family: str | None = None) -> Any:
+    from .clip_proxy import ClipProxy
+
+    served = svc.clip_family(model)
+    if family is not None and family != served:
+        raise LunaNodeError(f"CLIP model {model!r} is {served}, not {family}")
+    return ClipProxy(svc, model, served)
+
+
+def _model_proxy(svc: Services, model: str) -> Any:
+    from .model_proxy import remote_model
+
+    return remote_model(svc, model, svc.unet_load(model)["family"])
+
+
+# -- loaders (proxies for ComfyUI's standard nodes) ----------------------------------------------------------
+class SharedCheckpointLoader:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    DESCRIPTION = "MODEL, CLIP and VAE of a checkpoint served by Luna Stack (shared, nothing loaded here)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"ckpt_name": (_choices("unet", "checkpoints"),)}}
+
+    def load(self, ckpt_name: str) -> tuple:
+        svc = services()
+        return _model_proxy(svc, ckpt_name), _clip_proxy(svc, ckpt_name), VaeProxy(svc, ckpt_name)
+
+
+class SharedVAELoader:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"vae_name": _vae_input()}}
+
+    def load(self, vae_name: str) -> tuple:
+        return (VaeProxy(services(), vae_name),)
+
+
+class SharedCLIPLoader:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    DESCRIPTION = "SD1.5: clip_l. SDXL: clip_l + clip_g (or one checkpoint holding both)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        names = _choices("clip")
+        return {
+            "required": {
+                "clip_name1": (names,),
+                "clip_name2": ([NONE, *names],),
+                "type": (["sd15", "sdxl"],),
+            }
+        }
+
+    def load(self, clip_name1: str, clip_name2: str, type: str) -> tuple:
+        name = clip_name1 if clip_name2 == NONE else f"{clip_name1}+{clip_name2}"
+        return (_clip_proxy(services(), name, type),)
+
+
+class SharedUNetLoader:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"unet_name": (_choices("unet"),)}}
+
+    def load(self, unet_name: str) -> tuple:
+        return (_model_proxy(services(), unet_name),)
+
+
+# -- Luna-compatible nodes -----------------------------------------------------------------------------------
+def _vae_input() -> tuple:
+    return (_choices("vae", "vae", "checkpoints"),)
+
+
+def _tile_inputs(size: int, overlap: int) -> dict:
+    return {
+        "tile_size": ("INT", {"default": size, "min": 64, "max": 4096, "step": 32}),
+        "overlap": ("INT", {"default": overlap, "min": 0, "max": 4096, "step": 32}),
+    }
+
+
+def _tiles(tile_size: int, overlap: int, unit: int) -> dict[str, int]:
+    return {"tile_x": tile_size // unit, "tile_y": tile_size // unit, "overlap": overlap // unit}
+
+
+class LunaSharedVAEDecode:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"samples": ("LATENT",), "vae_name": _vae_input()}}
+
+    def decode(self, samples: dict, vae_name: str) -> tuple:
+        return (VaeProxy(services(), vae_name).decode(samples["samples"]),)
+
+
+class LunaSharedVAEEncode:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"pixels": ("IMAGE",), "vae_name": _vae_input()}}
+
+    def encode(self, pixels: torch.Tensor, vae_name: str) -> tuple:
+        return (latent(VaeProxy(services(), vae_name).encode(pixels)),)
+
+
+class LunaSharedVAEDecodeTiled:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"samples": ("LATENT",), "vae_name": _vae_input(), **_tile_inputs(512, 64)}}
+
+    def decode(self, samples: dict, vae_name: str, tile_size: int, overlap: int) -> tuple:
+        vae = VaeProxy(services(), vae_name)
+        return (vae.decode_tiled(samples["samples"], **_tiles(tile_size, overlap, vae.downscale_ratio)),)
+
+
+class LunaSharedVAEEncodeTiled:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"pixels": ("IMAGE",), "vae_name": _vae_input(), **_tile_inputs(512, 64)}}
+
+    def encode(self, pixels: torch.Tensor, vae_name: str, tile_size: int, overlap: int) -> tuple:
+        vae = VaeProxy(services(), vae_name)
+        return (latent(vae.encode_tiled(pixels, **_tiles(tile_size, overlap, 1))),)
+
+
+def _clip_input() -> tuple:
+    return (_choices("clip"),)
+
+
+class LunaSharedCLIPEncode:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"clip_name": _clip_input(), "text": ("STRING", {"multiline": True})}}
+
+    def encode(self, clip_name: str, text: str) -> tuple:
+        cond, pooled, _ = services().clip_encode(clip_name, {"text": text})
+        return (conditioning(cond, pooled),)
+
+
+class LunaSharedCLIPEncodeSDXL:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        size = ("INT", {"default": 1024, "min": 0, "max": 16384})
+        crop = ("INT", {"default": 0, "min": 0, "max": 16384})
+        sizes = {k: (crop if k.startswith("crop") else size) for k in SIZE_KEYS}
+        text = ("STRING", {"multiline": True})
+        return {"required": {"clip_name": _clip_input(), **sizes, "text_g": text, "text_l": text}}
+
+    def encode(self, clip_name: str, text_g: str, text_l: str, **sizes: int) -> tuple:
+        sizes = size_params(sizes)
+        cond, pooled, _ = services().clip_encode(clip_name, {"text_g": text_g, "text_l": text_l, **sizes})
+        return (conditioning(cond, pooled, sizes),)
+
+
+class LunaSharedCLIPEncodeDual:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        text = ("STRING", {"multiline": True})
+        return {"required": {"clip_name": _clip_input(), "positive": text, "negative": text}}
+
+    def encode(self, clip_name: str, positive: str, negative: str) -> tuple:
+        params = {"model": clip_name, "positive": {"text": positive}, "negative": {"text": negative}}
+        out, _ = services().call("clip", "encode_dual", None, params)
+        return tuple(
+            conditioning(out[f"{side}_cond"], out[f"{side}_pooled"]) for side in ("positive", "negative")
+        )
+
+
+class LunaDaemonStatus:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "status"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {}}
+
+    @classmethod
+    def IS_CHANGED(cls) -> float:
+        return float("nan")  # always re-run: the status is live
+
+    def status(self) -> dict:
+        text = format_status(services().status())
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """One block per service: models, queue depth, requests; GPU memory where NVML sees a GPU."""
+    lines = []
+    for kind, body in status.items():
+        if "error" in body:
+            lines.append(f"{kind}: DOWN - {body['error']}")
+            continue
+        models = ", ".join(m.get("name", "?") for m in body.get("models", [])) or "none loaded"
+        lines.append(f"{kind}: models: {models}; queue {body.get('queue_depth', 0)}")
+        extra = {k: body[k] for k in ("requests", "gpu") if k in body}
+        if extra:
+            lines.append("  " + json.dumps(extra, default=str)[:400])
+    return "\n".join(lines)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LunaStackCheckpointLoader": SharedCheckpointLoader,
+    "LunaStackVAELoader": SharedVAELoader,
+    "LunaStackCLIPLoader": SharedCLIPLoader,
+    "LunaStackUNetLoader": SharedUNetLoader,
+    "LunaSharedVAEDecode": LunaSharedVAEDecode,
+    "LunaSharedVAEEncode": LunaSharedVAEEncode,
+    "LunaSharedVAEDecodeTiled": LunaSharedVAEDecodeTiled,
+    "LunaSharedVAEEncodeTiled": LunaSharedVAEEncodeTiled,
+    "LunaSharedCLIPEncode": LunaSharedCLIPEncode,
+    "LunaSharedCLIPEncodeSDXL": LunaSharedCLIPEncodeSDXL,
+    "LunaSharedCLIPEncodeDual": LunaSharedCLIPEncodeDual,
+    "LunaDaemonStatus": LunaDaemonStatus,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LunaStackCheckpointLoader": "Shared Checkpoint Loader (Luna Stack)",
+    "LunaStackVAELoader": "Shared VAE Loader (Luna Stack)",
+    "LunaStackCLIPLoader": "Shared CLIP Loader (Luna Stack)",
+    "LunaStackUNetLoader": "Shared UNet Loader (Luna Stack)",
+    "LunaSharedVAEDecode": "Luna Shared VAE Decode",
+    "LunaSharedVAEEncode": "Luna Shared VAE Encode",
+    "LunaSharedVAEDecodeTiled": "Luna Shared VAE Decode (Tiled)",
+    "LunaSharedVAEEncodeTiled": "Luna Shared VAE Encode (Tiled)",
+    "LunaSharedCLIPEncode": "Luna Shared CLIP Encode",
+    "LunaSharedCLIPEncodeSDXL": "Luna Shared CLIP Encode (SDXL)",
+    "LunaSharedCLIPEncodeDual": "Luna Shared CLIP Encode (Dual)",
+    "LunaDaemonStatus": "Luna Daemon Status",
+}

@@ -1,0 +1,187 @@
+"""The services as the pack uses them: one sync client per kind, readable errors, progress polling."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from luna_stack.core.client import Client
+from luna_stack.core.errors import LunaError, NotFound
+
+from .errors import LunaNodeError, user_error
+from .lora_stack import LoraStack
+from .settings import KINDS, PackSettings
+from .wire import control_to_wire, image_to_wire
+
+Progress = Callable[[int, int], None]
+PROGRESS_POLL_S = 0.25
+_TILED = {"decode_tiled", "encode_tiled"}
+
+
+class Services:
+    """Clients for the three services, created on first use (ComfyUI may start before the stack)."""
+
+    def __init__(self, settings: PackSettings | None = None):
+        self.settings = settings or PackSettings.from_env()
+        self._clients: dict[str, Client] = {}
+        self._lock = threading.Lock()
+        self._pollers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="luna-progress")
+
+    def client(self, kind: str) -> Client:
+        with self._lock:
+            if kind not in self._clients:
+                self._clients[kind] = Client(
+                    kind,
+                    url=self.settings.urls[kind],
+                    redis_url=self.settings.redis_url,
+                    token=self.settings.token,
+                    name="comfyui",
+                )
+            return self._clients[kind]
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()
+        self._pollers.shutdown(wait=False)
+
+    # -- plumbing -------------------------------------------------------------------------------------
+    def call(
+        self,
+        kind: str,
+        op: str,
+        tensors: Mapping[str, torch.Tensor] | None,
+        params: Mapping[str, Any],
+        progress: Progress | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        client = self.client(kind)
+        try:
+            if progress is None:
+                return client.call(op, tensors, params)
+            request_id = uuid.uuid4().hex
+            future = self._pollers.submit(client.call, op, tensors, {**params, "request_id": request_id})
+            while True:
+                try:
+                    return future.result(timeout=PROGRESS_POLL_S)
+                except TimeoutError:
+                    self._report(client, request_id, progress)
+        except LunaError as exc:
+            raise user_error(exc, kind, self.settings.describe(kind)) from exc
+
+    @staticmethod
+    def _report(client: Client, request_id: str, progress: Progress) -> None:
+        try:
+            state = client.get_json(f"/v1/progress/{request_id}")
+        except NotFound:  # not started yet, or already finished
+            return
+        progress(int(state["done"]), int(state["total"]))
+
+    def get(self, kind: str, path: str) -> Any:
+        try:
+            return self.client(kind).get_json(path)
+        except LunaError as exc:
+            raise user_error(exc, kind, self.settings.describe(kind)) from exc
+
+    def models(self, kind: str) -> list[str]:
+        """Model names a service can serve (loaded first), for the loaders' lists."""
+        listing = self.get(kind, f"/v1/{kind}/models")
+        loaded = [m["name"] for m in listing.get("loaded", [])]
+        return list(dict.fromkeys(loaded + list(listing.get("available", []))))
+
+    def status(self) -> dict[str, Any]:
+        """Every service's /v1/status, or the readable error for one that is down."""
+        out: dict[str, Any] = {}
+        for kind in KINDS:
+            try:
+                out[kind] = self.get(kind, "/v1/status")
+            except LunaNodeError as exc:
+                out[kind] = {"error": str(exc)}
+        return out
+
+    # -- VAE --------------------------------------------------------------------------------------------
+    def vae_decode(
+        self,
+        model: str,
+        samples: torch.Tensor,
+        tiles: Mapping[str, int] | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """LATENT samples [B,C,h,w] -> IMAGE [B,H,W,3]; tiles = {tile_x, tile_y, overlap} in latent units."""
+        op = "decode_tiled" if tiles else "decode"
+        out, _ = self.call("vae", op, {"latent": samples}, {"model": model, **(tiles or {})}, progress)
+        return out["image"]
+
+    def vae_encode(
+        self,
+        model: str,
+        pixels: torch.Tensor,
+        tiles: Mapping[str, int] | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """IMAGE [B,H,W,C] -> raw latent; tiles = {tile_x, tile_y, overlap} in pixels."""
+        op = "encode_tiled" if tiles else "encode"
+        out, _ = self.call(
+            "vae", op, {"image": image_to_wire(pixels)}, {"model": model, **(tiles or {})}, progress
+        )
+        return out["latent"]
+
+    # -- CLIP -------------------------------------------------------------------------------------------
+    def clip_encode(
+        self,
+        model: str,
+        prompt: Mapping[str, Any],
+        lora: LoraStack = LoraStack(),
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """prompt: {"text": ...} / {"text_g", "text_l"} / {"tokens": wire tokens}, plus size keys."""
+        params = {"model": model, **prompt, "lora": lora.to_wire()}
+        if clip_skip is not None:
+            params["clip_skip"] = clip_skip
+        out, info = self.call("clip", "encode", None, params)
+        return out["cond"], out["pooled"], info
+
+    def clip_family(self, model: str) -> str:
+        """sd15 or sdxl: the encoders the CLIP service runs for this model (loads it if needed)."""
+        _, info = self.call("clip", "tokenize", None, {"model": model, "text": ""})
+        return "sdxl" if "g" in info["tokens"] else "sd15"
+
+    # -- UNet -------------------------------------------------------------------------------------------
+    def unet_load(self, model: str) -> dict[str, Any]:
+        return self.call("unet", "load", None, {"model": model})[1]
+
+    def unet_step(
+        self,
+        model: str,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
+        control: Mapping[str, Any] | None = None,
+        lora: LoraStack = LoraStack(),
+    ) -> torch.Tensor:
+        tensors: dict[str, torch.Tensor] = {"x": x, "timesteps": timesteps, "context": context}
+        if y is not None:
+            tensors["y"] = y
+        control_tensors, lengths = control_to_wire(control)
+        tensors.update(control_tensors)
+        params: dict[str, Any] = {"model": model, "lora": lora.to_wire()}
+        if lengths:
+            params["control_lengths"] = lengths
+        return self.call("unet", "step", tensors, params)[0]["out"]
+
+
+_shared: Services | None = None
+
+
+def services() -> Services:
+    """The pack's process-wide Services (configured from the environment on first use)."""
+    global _shared
+    if _shared is None:
+        _shared = Services()
+    return _shared
