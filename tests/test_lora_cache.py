@@ -109,14 +109,15 @@ def test_missing_and_corrupt_files(tmp_path):
     assert cache.stats().entries == 0
 
 
-async def test_redis_metadata(files, redis_url):
+async def test_redis_metadata(files, clip, redis_url):
     client = redis.asyncio.Redis.from_url(redis_url)
     size = LoraCache(1 << 30, "cpu", torch.float32).get(files[0]).nbytes
     cache = LoraCache(int(1.5 * size), "cpu", torch.float32, redis=client, replica="r1")
     a, b = _digest(files[0]), _digest(files[1])
     try:
-        lora = await cache.aget(files[0])
-        await cache.aget(files[0])
+        await cache.aresolve(files[0], clip, "clip_l")
+        await cache.aresolve(files[0], clip, "clip_l")
+        lora = cache.get(files[0])
         meta = await client.hgetall(f"luna:lora:meta:{a}")
         assert meta == {
             b"file": str(files[0]).encode(),
@@ -131,18 +132,20 @@ async def test_redis_metadata(files, redis_url):
         async def run(fn, *args):  # stands in for GpuExecutor.run: the load happens wherever it says
             return fn(*args)
 
-        await cache.aget(files[1], run=run)  # evicts a
+        await cache.aresolve(files[1], clip, "clip_l", run)  # evicts a
         assert await client.zrange("luna:lora:replica:r1:lru", 0, -1) == [b.encode()]
         for key in ("luna:lora:replica:r1:stats", "luna:lora:stats"):
             assert await client.hgetall(key) == {b"hits": b"1", b"misses": b"2", b"evictions": b"1"}
-        await cache.aget(files[1])
+        await cache.aresolve(files[1], clip, "clip_l")
         score = await client.zscore("luna:lora:replica:r1:lru", b)
         assert abs(score - time.time()) < 5
+        for key in ("luna:lora:replica:r1:lru", "luna:lora:replica:r1:stats"):  # a dead replica's keys go
+            assert 0 < await client.ttl(key) <= 24 * 3600
     finally:
         await client.aclose()
 
 
-async def test_without_redis_aget_is_get(files):
+async def test_without_redis_aresolve_is_resolve(files, clip):
     cache = LoraCache(1 << 30, "cpu", torch.float32)
-    assert await cache.aget(files[0]) is cache.get(files[0])
-    assert cache.stats().hits == 1
+    assert await cache.aresolve(files[0], clip, "clip_l") is cache.resolve(files[0], clip, "clip_l")
+    assert cache.stats().hits == 1 and cache.stats().misses == 1

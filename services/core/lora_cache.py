@@ -126,15 +126,6 @@ class LoraCache:
                 entry.resolved[key] = resolved
             return resolved
 
-    async def aget(
-        self, path: str | os.PathLike[str], run: Callable[..., Awaitable[Any]] | None = None
-    ) -> LoraFile:
-        """`get`, run through `run` (e.g. GpuExecutor.run) when given, then recorded in Redis."""
-        found: _Lookup = await run(self._lookup, path) if run else self._lookup(path)
-        if self.redis is not None:
-            await self._publish(found)
-        return found.lora
-
     def stats(self) -> LoraCacheStats:
         with self._lock:
             return LoraCacheStats(**vars(self._stats))
@@ -211,7 +202,13 @@ class LoraCache:
             pipe.hincrby(key, counter, 1)
             if found.evicted:
                 pipe.hincrby(key, "evictions", len(found.evicted))
+        # A replica that stops (or dies) leaves no lasting trace: its keys expire a day after last use.
+        pipe.expire(replica_lru, _REPLICA_KEY_TTL_S)
+        pipe.expire(replica_stats, _REPLICA_KEY_TTL_S)
         await pipe.execute()
+
+
+_REPLICA_KEY_TTL_S = 24 * 3600
 
 
 def _read(path: str) -> bytes:
