@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from luna_stack.core.client import Client
+from luna_stack.core.localrun import port_free
 
 from .conftest import free_port
 
@@ -22,20 +23,9 @@ from .conftest import free_port
 def _free_base_port() -> int:
     for _ in range(50):
         base = free_port() // 10 * 10
-        if all(_is_free(base + i) for i in range(1, 4)):
+        if all(port_free(base + i) for i in range(1, 4)):
             return base
     raise RuntimeError("no free block of ports")
-
-
-def _is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def test_local_run_mode_demo(tmp_path: Path) -> None:

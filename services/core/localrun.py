@@ -37,7 +37,7 @@ def available_services() -> list[str]:
     return [k for k in SERVICE_KINDS if importlib.util.find_spec(f"luna_stack.{k}.service") is not None]
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
@@ -62,7 +62,7 @@ def start_redis_server(port: int, data_dir: Path, *, durable: bool) -> subproces
 
 
 def _start_redis(state_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = next(p for p in range(6390, 6490) if _port_free(p))
+    port = next(p for p in range(6390, 6490) if port_free(p))
     proc = start_redis_server(port, state_dir, durable=True)
     url = f"redis://127.0.0.1:{port}/0"
     log.info("redis-server on %s (data in %s)", url, state_dir)
