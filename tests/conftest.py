@@ -7,7 +7,9 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,3 +104,52 @@ def start_service() -> Iterator[Callable[..., EmbeddedService]]:
     for svc in running:
         with contextlib.suppress(Exception):
             svc.stop()
+
+
+@dataclasses.dataclass
+class ServiceProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServiceProcess]]:
+    """serve_process(kind, models, **env) -> `luna-stack serve <kind>` as its own process, once ready.
+    CUDA IPC needs this: a process cannot open its own IPC handles."""
+    running: list[ServiceProcess] = []
+
+    def start(kind: str, models: Path, **env: str) -> ServiceProcess:
+        port = free_port()
+        child_env = {
+            **os.environ,
+            "LUNA_MODEL_ROOTS": str(models),
+            "LUNA_PORT": str(port),
+            "LUNA_LOG_LEVEL": "info",
+            **env,
+        }
+        if "LUNA_REDIS_URL" not in env:
+            child_env.pop("LUNA_REDIS_URL", None)
+        proc = subprocess.Popen([sys.executable, "-m", "luna_stack.core.cli", "serve", kind], env=child_env)
+        service = ServiceProcess(f"http://127.0.0.1:{port}", proc)
+        running.append(service)
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"luna-stack serve {kind} exited with status {proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(service.url + "/health/ready", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    return service
+            if time.monotonic() > deadline:
+                pytest.fail(f"luna-stack serve {kind} not ready after 180 s")
+            time.sleep(0.2)
+
+    yield start
+    for service in running:
+        service.process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.process.wait(timeout=20)
+        if service.process.poll() is None:
+            service.process.kill()

@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
 from luna_stack.core.errors import BadRequest, NotFound
+from luna_stack.core.ipc import Sink
 from luna_stack.core.lora import LoraCache, Stack, row_groups
 from luna_stack.core.lora_request import parse_stack
 from luna_stack.core.queue import connect
@@ -176,7 +177,10 @@ class ClipService(ModelService):
         return LoraStack(key, per_encoder)
 
     # -- operations -------------------------------------------------------------------------------------
-    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
+    async def run_op(
+        self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
+    ) -> tuple[Tensors, Params]:
+        # Outputs stay host tensors (the conditioning cache keeps them); the app places them for IPC.
         if op not in OPS:
             raise NotFound(f"unknown CLIP operation {op!r}", hint=f"one of {', '.join(OPS)}")
         model = await self.resident.get(params.get("model"))

@@ -13,12 +13,15 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import torch
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import codec
 from .errors import BadRequest, LunaError, NotFound, Unauthorized, Unavailable
 from .gpu import nvml_status
+from .ipc import HOST
+from .ipc import PARAM as IPC_PARAM
 from .queue import JobQueue, QueueWorker, connect
 from .registry import Registry, ReplicaInfo
 from .service import ModelService
@@ -103,9 +106,33 @@ def client_id(request: web.Request) -> str:
 async def _run_op(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     op = request.match_info["op"]
+    client = client_id(request)
     tensors, params = await codec.read_tensors(request, _body_limit(request))
-    out, out_params = await service.run_op(op, tensors, params, client_id(request))
-    return await codec.write_tensors(request, out, out_params)
+    spec = params.pop(IPC_PARAM, None)
+    if spec is None:
+        service.metrics.transport.labels(transport="http").inc()
+        out, out_params = await service.run_op(op, tensors, params, client, HOST)
+        return await codec.write_tensors(request, out, out_params)
+    service.metrics.transport.labels(transport="ipc").inc()
+    async with service.ipc.request(spec, client) as (inputs, sink):
+        if clash := sorted(set(inputs) & set(tensors)):
+            raise BadRequest(f"tensors {clash} were sent both in the body and through IPC")
+        out, out_params = await service.run_op(op, {**tensors, **inputs}, params, client, sink)
+        if any(name not in sink.placed for name in out):
+            await service.ipc.put_rest(sink, out)
+    body = {name: t for name, t in out.items() if name not in sink.placed}
+    return await codec.write_tensors(request, body, {**out_params, IPC_PARAM: sink.reply()})
+
+
+async def _ipc_register(request: web.Request) -> web.Response:
+    _tensors, body = await codec.read_tensors(request, _body_limit(request))
+    buffer_id = await request.app[SERVICE].ipc.register({**body, "client": client_id(request)})
+    return web.json_response({"buffer": buffer_id})
+
+
+async def _ipc_release(request: web.Request) -> web.Response:
+    released = await request.app[SERVICE].ipc.release(request.match_info["buffer"], client_id(request))
+    return web.json_response({"buffer": request.match_info["buffer"], "released": released})
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -146,7 +173,12 @@ async def _submit_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     op = request.match_info["op"]
     blob = await codec.read_body(request, _body_limit(request))
-    codec.decode(blob)  # reject a malformed body now, not later in a worker
+    _tensors, params = codec.decode(blob)  # reject a malformed body now, not later in a worker
+    if IPC_PARAM in params:
+        raise BadRequest(
+            "queued jobs cannot use CUDA IPC buffers: a job may run after the client is gone",
+            hint="send the tensors in the body, or call POST /v1/<kind>/<op> synchronously",
+        )
     job_id = await _queue(request).submit(op, blob)
     return web.json_response({"job_id": job_id, "kind": service.kind, "op": op}, status=202)
 
@@ -218,6 +250,7 @@ async def _status(request: web.Request) -> web.Response:
         "requests": dict(state["requests"]),
         "redis": state.get("redis") is not None,
         "gpu": nvml_status(),
+        "ipc": service.ipc.describe(),
         **service.status(),
     }
     return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
@@ -263,6 +296,8 @@ def create_app(service: ModelService, port: int) -> web.Application:
     app.router.add_get("/v1/status", _status)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/v1/progress/{request_id}", _progress)
+    app.router.add_post("/v1/ipc/buffers", _ipc_register)
+    app.router.add_delete("/v1/ipc/buffers/{buffer}", _ipc_release)
     app.router.add_get(f"/v1/{kind}/models", _models)
     app.router.add_post(f"/v1/{kind}/{{action:load|unload}}", _load_or_unload)
     app.router.add_routes(service.routes())
@@ -298,7 +333,7 @@ async def _heartbeat(app: web.Application, registry: Registry) -> None:
             gpu_uuid=service.gpu_uuid,
             device=str(service.device),
             models=[m["name"] for m in service.models()],
-            ipc=False,
+            ipc=service.ipc.enabled,
             load={"queue": service.queue_depth(), **dict(app[STATE]["requests"])},
         )
         try:
@@ -311,7 +346,9 @@ async def _heartbeat(app: web.Application, registry: Registry) -> None:
 async def _handle_job(app: web.Application, op: str, blob: bytes) -> bytes:
     service = app[SERVICE]
     tensors, params = codec.decode(blob)
-    out, out_params = await service.run_op(op, tensors, params, "queue")
+    if IPC_PARAM in params:
+        raise BadRequest("queued jobs cannot use CUDA IPC buffers")
+    out, out_params = await service.run_op(op, tensors, params, "queue", HOST)
     return codec.encode(out, out_params)
 
 
@@ -319,6 +356,11 @@ async def _on_startup(app: web.Application) -> None:
     service = app[SERVICE]
     core = service.settings.core
     tasks = [asyncio.create_task(_preload(app))]
+    if service.ipc.enabled:
+        # Checks on IPC inputs (finiteness) run on this thread: give it a stream of its own, so they
+        # never wait for the forward the compute thread has queued on the default stream.
+        torch.cuda.set_stream(torch.cuda.Stream(service.device))
+        tasks.append(asyncio.create_task(_reap_ipc(app)))
     if core.redis_url:
         redis = connect(core.redis_url)
         app[STATE]["redis"] = redis
@@ -350,6 +392,16 @@ async def _start_worker_when_ready(app: web.Application, worker: QueueWorker) ->
     await worker.run()
 
 
+async def _reap_ipc(app: web.Application) -> None:
+    buffers = app[SERVICE].ipc
+    while True:
+        await asyncio.sleep(min(10.0, buffers.idle_s / 2))
+        try:
+            await buffers.reap()
+        except Exception:
+            log.exception("IPC: reaping buffers failed")
+
+
 async def _on_cleanup(app: web.Application) -> None:
     state = app[STATE]
     service = app[SERVICE]
@@ -363,4 +415,5 @@ async def _on_cleanup(app: web.Application) -> None:
             await state["registry"].withdraw(service.kind, service.replica_id)
     if state.get("redis") is not None:
         await state["redis"].aclose()
+    await service.ipc.close_all()
     await service.shutdown()

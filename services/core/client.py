@@ -19,6 +19,7 @@ import torch
 
 from . import codec
 from .errors import LunaError, Unavailable, error_from_json
+from .ipc_client import IpcTransport
 from .queue import JobQueue, connect
 from .registry import Registry, ReplicaInfo
 
@@ -37,6 +38,7 @@ class AsyncClient:
         token: str | None = None,
         timeout_s: float = 600.0,
         name: str | None = None,
+        ipc: str | None = None,
     ):
         self.kind = kind
         env_url = os.environ.get(f"LUNA_{kind.upper()}_URL")
@@ -50,6 +52,10 @@ class AsyncClient:
         self._session: aiohttp.ClientSession | None = None
         self._redis = None
         self._replica: ReplicaInfo | None = None
+        self.ipc_mode = ipc or os.environ.get("LUNA_IPC", "auto")
+        if self.ipc_mode not in ("auto", "off"):
+            raise ValueError(f"ipc must be 'auto' or 'off', got {self.ipc_mode!r}")
+        self.ipc = IpcTransport(kind, self._json_call, self._http_call)
 
     # -- connection management ------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -93,6 +99,8 @@ class AsyncClient:
         return self._replica.url
 
     async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self.ipc.close()
         if self._session is not None:
             await self._session.close()
         if self._redis is not None:
@@ -149,11 +157,36 @@ class AsyncClient:
         op: str,
         tensors: Mapping[str, torch.Tensor] | None = None,
         params: Mapping[str, Any] | None = None,
+        *,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensors, dict[str, Any]]:
-        """POST /v1/<kind>/<op> and return (tensors, params) of the reply."""
-        blob = codec.encode(tensors or {}, params)
+        """POST /v1/<kind>/<op> and return (tensors, params) of the reply.
+
+        Outputs come back on `device`, by default the device of the first GPU input (else the CPU). When
+        that GPU is the service's own, tensors move through CUDA IPC instead of the socket."""
+        tensors = dict(tensors or {})
+        target = torch.device(device) if device is not None else _first_gpu(tensors)
+        if target is not None and target.type == "cuda":
+            if target.index is None:
+                target = torch.device("cuda", torch.cuda.current_device())
+            if self.ipc_mode == "auto":
+                result = await self.ipc.call(op, tensors, params or {}, target)
+                if result is not None:
+                    return result
+        out, out_params = await self._http_call(op, tensors, params or {})
+        if target is not None:
+            out = {name: t.to(target) for name, t in out.items()}
+        return out, out_params
+
+    async def _http_call(
+        self, op: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
+    ) -> tuple[Tensors, dict[str, Any]]:
+        blob = codec.encode(tensors, params)
         _status, result = await self._request("POST", f"/v1/{self.kind}/{op}", data=blob, expect_tensors=True)
         return result
+
+    async def _json_call(self, method: str, path: str, body: Any) -> Any:
+        return (await self._request(method, path, json_body=body))[1]
 
     async def get_json(self, path: str) -> Any:
         return (await self._request("GET", path))[1]
@@ -189,6 +222,10 @@ class AsyncClient:
                 raise Unavailable(f"job {job_id} still {result.get('state')} after {timeout_s:.0f} s")
 
 
+def _first_gpu(tensors: Mapping[str, torch.Tensor]) -> torch.device | None:
+    return next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
+
+
 class Client:
     """Blocking facade over AsyncClient: one private event loop thread, usable from any thread."""
 
@@ -208,8 +245,10 @@ class Client:
         op: str,
         tensors: Mapping[str, torch.Tensor] | None = None,
         params: Mapping[str, Any] | None = None,
+        *,
+        device: torch.device | str | None = None,
     ) -> tuple[Tensors, dict[str, Any]]:
-        return self._run(self.aio.call(op, tensors, params))
+        return self._run(self.aio.call(op, tensors, params, device=device))
 
     def status(self) -> dict[str, Any]:
         return self._run(self.aio.status())

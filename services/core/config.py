@@ -90,6 +90,12 @@ class CoreSettings:
         minimum=100,
     )
     job_max_attempts: int = setting(3, "Deliveries of one queued job before it is failed.", minimum=1)
+    ipc_idle_s: float = setting(
+        900.0,
+        "A client's CUDA IPC buffer unused this long is unmapped (the client maps it again on its next "
+        "request); buffers of exited clients are unmapped at once when they share the PID namespace.",
+        minimum=1,
+    )
     heartbeat_s: float = setting(
         5.0, "Registry heartbeat period; entries expire after 3 periods.", minimum=0.1
     )

@@ -69,6 +69,17 @@ class UnknownJob(NotFound):
     code = "unknown_job"
 
 
+class UnknownIpcBuffer(NotFound):
+    code = "unknown_ipc_buffer"
+
+
+class IpcUnavailable(LunaError):
+    """CUDA IPC cannot work between this client and service; the client falls back to HTTP."""
+
+    status = 409
+    code = "ipc_unavailable"
+
+
 class PayloadTooLarge(LunaError):
     status = 413
     code = "payload_too_large"

@@ -45,6 +45,12 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=self.registry,
         )
+        self.transport = Counter(
+            "luna_op_transport_total",
+            "Operations by how their tensors travelled (http bytes or CUDA IPC buffers)",
+            ["transport"],
+            registry=self.registry,
+        )
         self.jobs = Counter("luna_jobs_total", "Queued jobs by outcome", ["outcome"], registry=self.registry)
         self.gpu_memory = Gauge(
             "luna_gpu_memory_bytes",

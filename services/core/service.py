@@ -15,6 +15,7 @@ from aiohttp import web
 from .config import Settings
 from .executor import GpuExecutor
 from .gpu import gpu_uuid, select_device, select_dtype
+from .ipc import IpcBuffers, Sink
 from .metrics import Metrics
 from .paths import ModelRoots
 from .progress import ProgressTable
@@ -40,10 +41,15 @@ class ModelService(abc.ABC):
         self.replica_id = f"{self.kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.gpu_uuid = gpu_uuid(self.device)
         self.progress = ProgressTable()
+        self.ipc = IpcBuffers(self.device, self.gpu_uuid, self.executor, settings.core.ipc_idle_s)
 
     @abc.abstractmethod
-    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
-        """Run one operation (`POST /v1/<kind>/<op>` and queued jobs both land here)."""
+    async def run_op(
+        self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
+    ) -> tuple[Tensors, Params]:
+        """Run one operation (`POST /v1/<kind>/<op>` and queued jobs both land here). Outputs go through
+        `sink.put` on the compute thread (to the host, or into the client's IPC buffer); an output
+        returned without it is placed by the app afterwards."""
 
     @abc.abstractmethod
     def models(self) -> list[dict[str, Any]]:

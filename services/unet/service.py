@@ -25,6 +25,7 @@ from aiohttp import web
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
 from luna_stack.core.errors import BadRequest, NotFound
+from luna_stack.core.ipc import Sink
 from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
 from luna_stack.core.lora_request import parse_stack
 from luna_stack.core.queue import connect
@@ -51,6 +52,7 @@ class _Step:
     y: torch.Tensor | None
     control: dict[str, torch.Tensor]  # slot -> residual (BlockResiduals.named())
     stack: tuple[tuple[ResolvedLora, float], ...]
+    sink: Sink
 
     @property
     def rows(self) -> int:
@@ -118,10 +120,12 @@ class UnetService(ModelService):
         return tuple(stack)
 
     # -- requests -------------------------------------------------------------------------------------
-    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
+    async def run_op(
+        self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
+    ) -> tuple[Tensors, Params]:
         if op != "step":
             raise NotFound(f"unknown UNet operation {op!r}", hint=f"one of {', '.join(OPS)}")
-        step = await self._parse_step(tensors, params)
+        step = await self._parse_step(tensors, params, sink)
         key: Hashable = (
             step.model.path,
             tuple(step.x.shape[1:]),
@@ -134,7 +138,7 @@ class UnetService(ModelService):
         out, rows = await self.batcher.submit(key, step, rows=step.rows, client=client)
         return {"out": out}, {"model": step.model.name, "batch_rows": rows}
 
-    async def _parse_step(self, tensors: Tensors, params: Params) -> _Step:
+    async def _parse_step(self, tensors: Tensors, params: Params, sink: Sink) -> _Step:
         model = await self.resident.get(params.get("model"))
         unknown = sorted(n for n in tensors if n not in _STEP_TENSORS and not n.startswith("control."))
         if unknown:
@@ -159,7 +163,7 @@ class UnetService(ModelService):
         control = control_from_wire(tensors, lengths, len(input_block_shapes(model.unet, 1, 1)))
         check_control(model.unet, control, x)
         stack = await self._lora_stack(model, params.get("lora"))
-        return _Step(model, x, timesteps, context, y, control.named(), stack)
+        return _Step(model, x, timesteps, context, y, control.named(), stack, sink)
 
     # -- compute thread -------------------------------------------------------------------------------
     def _run_batch(self, key: Hashable, items: Sequence[_Step]) -> list[tuple[torch.Tensor, int]]:
@@ -180,7 +184,7 @@ class UnetService(ModelService):
             out = unet_forward(model.unet, x, timesteps, context, y, control)
         parts = torch.split(out, [s.rows for s in items])
         rows = x.shape[0]
-        return [(part.to(device="cpu", dtype=s.x.dtype), rows) for part, s in zip(parts, items, strict=True)]
+        return [(s.sink.put("out", part.to(s.x.dtype)), rows) for part, s in zip(parts, items, strict=True)]
 
     # -- extra routes & status ------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:

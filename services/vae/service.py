@@ -13,6 +13,7 @@ import torch
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
 from luna_stack.core.errors import BadRequest, InvalidTensor, NotFound
+from luna_stack.core.ipc import Sink
 from luna_stack.core.resident import ResidentModels
 from luna_stack.core.service import ModelService, Params, Tensors
 from luna_stack.core.tensors import require_tensor
@@ -30,6 +31,7 @@ OPS = ("decode", "encode", "decode_tiled", "encode_tiled")
 class _Work:
     tensor: torch.Tensor
     request_id: str | None
+    sink: Sink
 
 
 class VaeService(ModelService):
@@ -86,7 +88,9 @@ class VaeService(ModelService):
             )
         return tile_y, tile_x, overlap
 
-    async def run_op(self, op: str, tensors: Tensors, params: Params, client: str) -> tuple[Tensors, Params]:
+    async def run_op(
+        self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
+    ) -> tuple[Tensors, Params]:
         if op not in OPS:
             raise NotFound(f"unknown VAE operation {op!r}", hint=f"one of {', '.join(OPS)}")
         model = await self.resident.get(params.get("model"))
@@ -97,7 +101,7 @@ class VaeService(ModelService):
             tiles = self._tiles(params, SCALE) if op == "decode_tiled" else None
             key: Hashable = (op, model.name, tuple(latent.shape[1:]), latent.dtype, tiles)
             out = await self.batcher.submit(
-                key, _Work(latent, request_id), rows=latent.shape[0], client=client
+                key, _Work(latent, request_id, sink), rows=latent.shape[0], client=client
             )
             return {"image": out}, {"model": model.name}
         image = require_tensor(tensors, "image", rank=4)
@@ -110,7 +114,9 @@ class VaeService(ModelService):
         self._check_size(image.shape[1], image.shape[2])
         tiles = self._tiles(params, 1) if op == "encode_tiled" else None
         key = (op, model.name, tuple(image.shape[1:]), image.dtype, tiles)
-        out = await self.batcher.submit(key, _Work(image, request_id), rows=image.shape[0], client=client)
+        out = await self.batcher.submit(
+            key, _Work(image, request_id, sink), rows=image.shape[0], client=client
+        )
         return {"latent": out}, {"model": model.name}
 
     # -- compute thread -------------------------------------------------------------------------------
@@ -132,7 +138,8 @@ class VaeService(ModelService):
             else:
                 out = model.encode_tiled(batch, tile_y, tile_x, overlap, on_tile=tick)
         sizes = [w.tensor.shape[0] for w in items]
-        return [part.cpu() for part in torch.split(out, sizes)]
+        name = "image" if op.startswith("decode") else "latent"
+        return [w.sink.put(name, part) for w, part in zip(items, torch.split(out, sizes), strict=True)]
 
     def _decode_or_tile(self, model: VaeModel, latent: torch.Tensor) -> torch.Tensor:
         try:
