@@ -2,7 +2,8 @@
 
 One full-size random-weight SD1.5 checkpoint runs the same API-format workflow twice: with ComfyUI's
 own CheckpointLoaderSimple, and with the Shared Checkpoint Loader against running CLIP / VAE / UNet
-services. Standard nodes (CLIPTextEncode, LoraLoader, KSampler, VAEDecode, VAEEncode) consume both.
+services. Standard nodes (CLIPTextEncode, LoraLoader, KSampler, VAEDecode, VAEEncode, ...) consume both;
+a second workflow does the same for SamplerCustom (KSamplerSelect + BasicScheduler).
 
 Needs COMFYUI_PATH (a ComfyUI checkout) and a Python with ComfyUI's requirements; see docs/comfyui.md.
 """
@@ -12,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
+import types
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +88,47 @@ _TORCHVISION_OPS = [
 _keep_alive: list[Any] = []
 
 
-def _import_torchvision() -> None:
+class _NoTorchvision(types.ModuleType):
+    """Stand-in for torchvision while ComfyUI imports: any use raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"{self.__name__}.{name}: torchvision is not installed (a stand-in for the test)")
+
+
+@contextmanager
+def _torchvision_stand_in() -> Iterator[None]:
+    """ComfyUI imports torchvision at module level for models this test never builds (Stable Cascade's
+    EfficientNet, Cosmos, ACE, WanMove); without torchvision installed, stand-in modules satisfy those
+    imports while ComfyUI is imported and are removed afterwards. transformers and diffusers record that
+    torchvision is absent before the stand-ins exist (both cache the answer)."""
+    import diffusers.utils
+    import transformers.utils
+
+    assert not transformers.utils.is_torchvision_available()
+    assert not diffusers.utils.is_torchvision_available()
+    names = ["torchvision", "torchvision.models", "torchvision.transforms"]
+    names.append("torchvision.transforms.functional")
+    stand_ins = {name: _NoTorchvision(name) for name in names}
+    for name, module in stand_ins.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(stand_ins[parent], child, module)
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name in names:
+            if sys.modules.get(name) is stand_ins[name]:
+                del sys.modules[name]
+
+
+def _import_torchvision() -> bool:
+    """True when torchvision is installed (and importable); False when it is not."""
+    if importlib.util.find_spec("torchvision") is None:
+        return False
     try:
         importlib.import_module("torchvision")
     except RuntimeError as exc:
@@ -96,6 +141,7 @@ def _import_torchvision() -> None:
             lib.define(schema)
         _keep_alive.append(lib)
         importlib.import_module("torchvision")
+    return True
 
 
 def _import_comfyui(path: str) -> Any:
@@ -103,18 +149,20 @@ def _import_comfyui(path: str) -> Any:
     if path not in sys.path:
         sys.path.insert(0, path)
     try:
-        _import_torchvision()
-        import comfy.options
+        with nullcontext() if _import_torchvision() else _torchvision_stand_in():
+            import comfy.options
 
-        comfy.options.enable_args_parsing()
-        argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-        try:
-            import comfy.cli_args
-        finally:
-            sys.argv = argv
-        import execution
-        import folder_paths
-        import nodes
+            comfy.options.enable_args_parsing()
+            argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+            try:
+                import comfy.cli_args
+            finally:
+                sys.argv = argv
+            import comfy.sd
+            import comfy.supported_models
+            import execution
+            import folder_paths
+            import nodes
     except ImportError as exc:
         pytest.skip(f"ComfyUI at {path} does not import here ({exc}); use a Python with its requirements")
     return execution, folder_paths, nodes
@@ -207,10 +255,12 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, 
             svc.wait_ready()
         folder_paths.add_model_folder_path("checkpoints", str(models / "checkpoints"))
         folder_paths.add_model_folder_path("loras", str(models / "loras"))
-        extra = os.path.join(COMFYUI_PATH, "comfy_extras", "nodes_clip_sdxl.py")  # CLIPTextEncodeSDXL
-        assert asyncio.run(nodes.load_custom_node(extra, module_parent="comfy_extras"))
+        # CLIPTextEncodeSDXL; SamplerCustom, KSamplerSelect, BasicScheduler; FreeU (a local UNet patch)
+        for extra in ("nodes_clip_sdxl.py", "nodes_custom_sampler.py", "nodes_freelunch.py"):
+            path = os.path.join(COMFYUI_PATH, "comfy_extras", extra)
+            assert asyncio.run(nodes.load_custom_node(path, module_parent="comfy_extras"))
         assert asyncio.run(nodes.load_custom_node(str(ROOT / "comfy_nodes")))
-        for kind in ("IMAGE", "LATENT", "CONDITIONING"):
+        for kind in ("IMAGE", "LATENT", "CONDITIONING", "SIGMAS"):
             nodes.NODE_CLASS_MAPPINGS[f"TestCapture{kind}"] = _capture_node(kind)
         yield execution, nodes, models
     finally:
@@ -305,7 +355,10 @@ def workflow(family: str, shared: bool) -> dict[str, Any]:
     }
 
 
-def run(runtime: tuple[Any, Any, Path], prompt: dict[str, Any]) -> dict[str, Any]:
+def execute(
+    runtime: tuple[Any, Any, Path], prompt: dict[str, Any], extra_data: dict[str, Any] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Validate and run a prompt as ComfyUI's queue does; the execution_error messages (none: success)."""
     from comfy import model_management
 
     execution, _nodes, _models = runtime
@@ -315,11 +368,20 @@ def run(runtime: tuple[Any, Any, Path], prompt: dict[str, Any]) -> dict[str, Any
     executor = execution.PromptExecutor(
         _Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
     )
-    executor.execute(prompt, "test", {}, outputs)
-    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    executor.execute(prompt, "test", extra_data or {}, outputs)
+    errors = [m for m in executor.status_messages if m[0] == "execution_error"]
+    assert executor.success == (not errors), executor.status_messages
     del executor
     model_management.unload_all_models()  # free ComfyUI's copy before the services load theirs
     gc.collect()
+    return errors
+
+
+def run(
+    runtime: tuple[Any, Any, Path], prompt: dict[str, Any], extra_data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    errors = execute(runtime, prompt, extra_data)
+    assert not errors, errors
     return dict(CAPTURED)
 
 
@@ -367,6 +429,154 @@ def test_standard_nodes_on_proxies_match_comfyui_local(comfy, family: str) -> No
     assert min(lora_effect.values()) > 5 * LORA_RTOL, lora_effect
 
 
+def custom_sampler_workflow(shared: bool) -> dict[str, Any]:
+    """API-format prompt: SamplerCustom with a SAMPLER from KSamplerSelect (an SDE sampler, so the seed also
+    drives the noise between steps) and SIGMAS from BasicScheduler, at two seeds; both outputs captured."""
+    loader = (
+        {"class_type": "LunaStackCheckpointLoader", "inputs": {"ckpt_name": f"checkpoints/{CKPT}"}}
+        if shared
+        else {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}
+    )
+
+    def sample(seed: int) -> dict[str, Any]:
+        inputs = {
+            "model": ["1", 0],
+            "add_noise": True,
+            "noise_seed": seed,
+            "cfg": 5.0,
+            "positive": ["2", 0],
+            "negative": ["3", 0],
+            "sampler": ["5", 0],
+            "sigmas": ["6", 0],
+            "latent_image": ["4", 0],
+        }
+        return {"class_type": "SamplerCustom", "inputs": inputs}
+
+    def capture(kind: str, key: str, source: str, index: int = 0) -> dict[str, Any]:
+        return {"class_type": f"TestCapture{kind}", "inputs": {"key": key, "value": [source, index]}}
+
+    def encode(text: str) -> dict[str, Any]:
+        return {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}}
+
+    schedule = {"model": ["1", 0], "scheduler": "karras", "steps": 3, "denoise": 1.0}
+    return {
+        "1": loader,
+        "2": encode("a (red:1.2) fox in snow"),
+        "3": encode("blurry"),
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "dpmpp_2m_sde"}},
+        "6": {"class_type": "BasicScheduler", "inputs": schedule},
+        "7": sample(7),
+        "8": sample(8),
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "20": capture("SIGMAS", "sigmas", "6"),
+        "21": capture("LATENT", "latent", "7"),
+        "22": capture("LATENT", "denoised", "7", 1),
+        "23": capture("LATENT", "latent_seed8", "8"),
+        "24": capture("IMAGE", "image", "9"),
+    }
+
+
+@contextmanager
+def _progress_events() -> Iterator[list[tuple[str, int, int, bool]]]:
+    """What ComfyUI's progress bar hook receives (as main.py's hook does: the node from the executing
+    context): (node id, value, total, whether a preview image came with it)."""
+    import comfy.utils
+    from comfy_execution.utils import get_executing_context
+
+    events: list[tuple[str, int, int, bool]] = []
+
+    def hook(value: int, total: int, preview: Any, prompt_id: Any = None, node_id: Any = None) -> None:
+        context = get_executing_context()
+        node = node_id or (context.node_id if context is not None else None)
+        events.append((str(node), int(value), int(total), preview is not None))
+
+    saved = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield events
+    finally:
+        comfy.utils.set_progress_bar_global_hook(saved)
+
+
+def test_sampler_custom_on_proxy_matches_comfyui_local(comfy) -> None:
+    previews = {"preview_method": "latent2rgb"}  # the sampler callback also renders previews from x0
+    with _progress_events() as shared_progress:
+        shared = run(comfy, custom_sampler_workflow(shared=True), previews)
+    _unload(f"checkpoints/{CKPT}")
+    with _progress_events() as local_progress:
+        local = run(comfy, custom_sampler_workflow(shared=False), previews)
+
+    def pick(out: dict[str, Any], key: str) -> torch.Tensor:
+        return out[key]["samples"] if isinstance(out[key], dict) else out[key]
+
+    assert torch.equal(local["sigmas"], shared["sigmas"])  # ComfyUI's own model_sampling on both sides
+    assert len(shared["sigmas"]) == 4 and shared["sigmas"][-1] == 0
+    keys = ["latent", "denoised", "latent_seed8", "image"]
+    rel = {k: _rel(pick(local, k), pick(shared, k)) for k in keys}
+    seed_effect = {
+        side: _rel(pick(out, "latent"), pick(out, "latent_seed8"))
+        for side, out in (("local", local), ("shared", shared))
+    }
+    print("SamplerCustom max |local - shared| / max |local|:", rel, "seed 7 vs 8:", seed_effect)
+    assert shared["latent"]["samples"].shape == local["latent"]["samples"].shape == (1, 4, 8, 8)
+    assert shared["image"].shape == local["image"].shape == (1, 64, 64, 3)
+    for key, value in rel.items():
+        assert value < RTOL, (key, rel)
+    # Another seed gives another result, far beyond the tolerance, on both sides alike.
+    assert min(seed_effect.values()) > 100 * RTOL, seed_effect
+    # The progress bar moves step by step for each SamplerCustom node, with previews, as for a local model.
+    assert shared_progress == local_progress, (shared_progress, local_progress)
+    for node in ("7", "8"):
+        assert [e[1:] for e in shared_progress if e[0] == node] == [(1, 3, True), (2, 3, True), (3, 3, True)]
+
+
+def test_sampler_custom_errors_on_proxy_are_readable(comfy) -> None:
+    """A patch that cannot run remotely (FreeU) fails the SamplerCustom node with RemotePatchError in
+    ComfyUI's error message; an unreachable UNet service gives the pack's one-line LunaNodeError."""
+    prompt = custom_sampler_workflow(shared=True)
+    prompt["10"] = {
+        "class_type": "FreeU_V2",
+        "inputs": {"model": ["1", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2},
+    }
+    for node in ("7", "8"):
+        prompt[node]["inputs"]["model"] = ["10", 0]
+    errors = execute(comfy, prompt)
+    assert len(errors) == 1, errors
+    error = errors[0][1]
+    assert error["node_type"] == "SamplerCustom", error
+    assert error["exception_type"].endswith("RemotePatchError"), error
+    assert "cannot run on the shared Luna Stack UNet" in error["exception_message"], error
+    assert "output_block_patch" in error["exception_message"], error
+
+    from comfy import sample, samplers  # (the fixture is named comfy too)
+
+    _execution, nodes, _models = comfy
+    model, clip, _vae = nodes.NODE_CLASS_MAPPINGS["LunaStackCheckpointLoader"]().load(f"checkpoints/{CKPT}")
+    (positive,) = nodes.CLIPTextEncode().encode(clip, "a fox")
+    proxy = sys.modules[type(model.model.diffusion_model).__module__]  # the pack's model_proxy module
+    remote = sys.modules[proxy.Services.__module__]
+    dead = remote.PackSettings({"clip": None, "vae": None, "unet": "http://127.0.0.1:9"}, None, None)
+    unreachable = proxy.remote_model(services := proxy.Services(dead), f"checkpoints/{CKPT}", "sd15")
+    sigmas = samplers.calculate_sigmas(unreachable.get_model_object("model_sampling"), "karras", 2)
+    latent = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(Exception, match=r"UNET service is not reachable via http://127\.0\.0\.1:9") as info:
+        sample.sample_custom(
+            unreachable,
+            torch.randn(1, 4, 8, 8),
+            5.0,
+            samplers.sampler_object("euler"),
+            sigmas,
+            positive,
+            positive,
+            latent,
+            seed=7,
+        )
+    services.close()
+    assert type(info.value).__name__ == "LunaNodeError"
+    assert "LUNA_UNET_URL" in str(info.value)
+
+
 def test_a_patch_that_cannot_run_remotely_fails_loudly(comfy) -> None:
     _execution, nodes, _models = comfy
     model, clip, _vae = nodes.NODE_CLASS_MAPPINGS["LunaStackCheckpointLoader"]().load(f"checkpoints/{CKPT}")
@@ -387,7 +597,8 @@ def test_example_workflow_validates_in_comfyui(comfy) -> None:
         prompt = json.loads(path.read_text())
         missing = {n["class_type"] for n in prompt.values()} - set(nodes.NODE_CLASS_MAPPINGS)
         assert not missing, (path.name, missing)
-    prompt = json.loads((ROOT / "examples" / "sd15_shared_txt2img.json").read_text())
-    prompt["1"]["inputs"]["ckpt_name"] = f"checkpoints/{CKPT}"
-    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("example", prompt, None))
-    assert ok and outputs == ["7"], (error, node_errors)
+    for name, output in (("sd15_shared_txt2img.json", "7"), ("sd15_shared_samplercustom.json", "9")):
+        prompt = json.loads((ROOT / "examples" / name).read_text())
+        prompt["1"]["inputs"]["ckpt_name"] = f"checkpoints/{CKPT}"
+        ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("example", prompt, None))
+        assert ok and outputs == [output], (name, error, node_errors)
