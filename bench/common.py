@@ -6,16 +6,22 @@ CI can check that the scripts still run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import re
 import statistics
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from luna_stack.core.embedded import free_port
+from luna_stack.core.localrun import spawn_service, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,6 +40,23 @@ async def timed(fn: Callable[[], Awaitable[Any]], repeats: int, warmup: int = 1)
         await fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+@contextlib.contextmanager
+def service_process(kind: str, env: dict[str, str], timeout_s: float = 600) -> Iterator[str]:
+    """`luna-stack serve <kind>` as its own process (CUDA IPC needs two processes); yields its URL."""
+    port = free_port()
+    proc = spawn_service(kind, {**os.environ, **env, "LUNA_PORT": str(port), "LUNA_LOG_LEVEL": "warning"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(kind, url, proc, timeout_s)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def median_ms(times: list[float]) -> float:

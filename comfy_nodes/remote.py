@@ -26,8 +26,9 @@ _TILED = {"decode_tiled", "encode_tiled"}
 class Services:
     """Clients for the three services, created on first use (ComfyUI may start before the stack)."""
 
-    def __init__(self, settings: PackSettings | None = None):
+    def __init__(self, settings: PackSettings | None = None, gpu: torch.device | None = None):
         self.settings = settings or PackSettings.from_env()
+        self._gpu = gpu  # ComfyUI's compute device; found on first use when not given
         self._clients: dict[str, Client] = {}
         self._lock = threading.Lock()
         self._pollers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="luna-progress")
@@ -52,6 +53,15 @@ class Services:
         self._pollers.shutdown(wait=False)
 
     # -- plumbing -------------------------------------------------------------------------------------
+    def _ipc_gpu(self, client: Client) -> torch.device | None:
+        """ComfyUI's GPU when the service computes on that same GPU: host tensors are then staged there
+        and cross by CUDA IPC (a device copy each way instead of serialising them through a socket)."""
+        if self._gpu is None:
+            self._gpu = comfy_device()
+        if self._gpu.type != "cuda" or not client.ipc_usable(self._gpu):
+            return None
+        return self._gpu
+
     def call(
         self,
         kind: str,
@@ -59,20 +69,32 @@ class Services:
         tensors: Mapping[str, torch.Tensor] | None,
         params: Mapping[str, Any],
         progress: Progress | None = None,
+        stage: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """One operation; with `stage`, host inputs and outputs go through CUDA IPC where it applies and
+        the outputs come back on the host, where ComfyUI keeps images, latents and conditioning."""
         client = self.client(kind)
         try:
+            gpu = self._ipc_gpu(client) if stage else None
+            if gpu is not None:
+                tensors = {name: t.to(gpu) for name, t in (tensors or {}).items()}
             if progress is None:
-                return client.call(op, tensors, params)
-            request_id = uuid.uuid4().hex
-            future = self._pollers.submit(client.call, op, tensors, {**params, "request_id": request_id})
-            while True:
-                try:
-                    return future.result(timeout=PROGRESS_POLL_S)
-                except TimeoutError:
-                    self._report(client, request_id, progress)
+                out, info = client.call(op, tensors, params, device=gpu)
+            else:
+                request_id = uuid.uuid4().hex
+                params = {**params, "request_id": request_id}
+                future = self._pollers.submit(client.call, op, tensors, params, device=gpu)
+                while True:
+                    try:
+                        out, info = future.result(timeout=PROGRESS_POLL_S)
+                        break
+                    except TimeoutError:
+                        self._report(client, request_id, progress)
         except LunaError as exc:
             raise user_error(exc, kind, self.settings.describe(kind)) from exc
+        if gpu is not None:
+            out = {name: t.cpu() for name, t in out.items()}
+        return out, info
 
     @staticmethod
     def _report(client: Client, request_id: str, progress: Progress) -> None:
@@ -114,7 +136,8 @@ class Services:
     ) -> torch.Tensor:
         """LATENT samples [B,C,h,w] -> IMAGE [B,H,W,3]; tiles = {tile_x, tile_y, overlap} in latent units."""
         op = "decode_tiled" if tiles else "decode"
-        out, _ = self.call("vae", op, {"latent": samples}, {"model": model, **(tiles or {})}, progress)
+        params = {"model": model, **(tiles or {})}
+        out, _ = self.call("vae", op, {"latent": samples}, params, progress, stage=True)
         return out["image"]
 
     def vae_encode(
@@ -126,9 +149,8 @@ class Services:
     ) -> torch.Tensor:
         """IMAGE [B,H,W,C] -> raw latent; tiles = {tile_x, tile_y, overlap} in pixels."""
         op = "encode_tiled" if tiles else "encode"
-        out, _ = self.call(
-            "vae", op, {"image": image_to_wire(pixels)}, {"model": model, **(tiles or {})}, progress
-        )
+        params = {"model": model, **(tiles or {})}
+        out, _ = self.call("vae", op, {"image": image_to_wire(pixels)}, params, progress, stage=True)
         return out["latent"]
 
     # -- CLIP -------------------------------------------------------------------------------------------
@@ -143,7 +165,7 @@ class Services:
         params = {"model": model, **prompt, "lora": lora.to_wire()}
         if clip_skip is not None:
             params["clip_skip"] = clip_skip
-        out, info = self.call("clip", "encode", None, params)
+        out, info = self.call("clip", "encode", None, params, stage=True)
         return out["cond"], out["pooled"], info
 
     def clip_family(self, model: str) -> str:
@@ -174,6 +196,15 @@ class Services:
         if lengths:
             params["control_lengths"] = lengths
         return self.call("unet", "step", tensors, params)[0]["out"]
+
+
+def comfy_device() -> torch.device:
+    """The device ComfyUI computes on (the CPU when the pack runs outside ComfyUI)."""
+    try:
+        import comfy.model_management
+    except ImportError:
+        return torch.device("cpu")
+    return comfy.model_management.get_torch_device()
 
 
 _shared: Services | None = None

@@ -7,9 +7,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from luna_stack.core.config import Settings, load_settings
 from luna_stack.core.embedded import EmbeddedService, free_port
 from luna_stack.core.fixtures import write_models_dir
-from luna_stack.core.localrun import start_redis_server
+from luna_stack.core.localrun import spawn_service, start_redis_server, wait_ready
 from luna_stack.core.service import ModelService
 
 
@@ -129,22 +127,14 @@ def serve_process() -> Iterator[Callable[..., ServiceProcess]]:
         }
         if "LUNA_REDIS_URL" not in env:
             child_env.pop("LUNA_REDIS_URL", None)
-        proc = subprocess.Popen([sys.executable, "-m", "luna_stack.core.cli", "serve", kind], env=child_env)
+        proc = spawn_service(kind, child_env)
         service = ServiceProcess(f"http://127.0.0.1:{port}", proc)
         running.append(service)
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"luna-stack serve {kind} exited with status {proc.returncode}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(service.url + "/health/ready", timeout=2) as resp,
-            ):
-                if resp.status == 200:
-                    return service
-            if time.monotonic() > deadline:
-                pytest.fail(f"luna-stack serve {kind} not ready after 180 s")
-            time.sleep(0.2)
+        try:
+            wait_ready(kind, service.url, proc, timeout_s=180)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        return service
 
     yield start
     for service in running:

@@ -4,6 +4,7 @@ client killed mid-request harms nobody, and every case where IPC cannot work fal
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -106,22 +107,32 @@ async def test_outputs_larger_than_the_buffer_come_as_bytes_once_then_fit(models
 async def test_memory_stays_flat_over_ten_thousand_requests(models_dir, serve_process, unet_ref) -> None:
     unet = serve_process("unet", models_dir, **GPU)
     inputs = {k: t.cuda() for k, t in step_inputs(unet_ref, batch=2, seed=5).items()}
-    async with AsyncClient("unet", url=unet.url) as client:
-        first, _ = await client.call("step", inputs, {"model": UNET})
-        for _ in range(500):
-            await client.call("step", inputs, {"model": UNET})
+    clients = [AsyncClient("unet", url=unet.url, name=f"steady-{i}") for i in range(8)]
+    first, _ = await clients[0].call("step", inputs, {"model": UNET})
+
+    async def steps(client: AsyncClient, count: int) -> None:
+        for _ in range(count):
+            out, _ = await client.call("step", inputs, {"model": UNET})
+        # Merged batches pick other (TF32) kernels: rounding differences only.
+        assert (out["out"] - first["out"]).norm() / first["out"].norm() < 5e-3
+
+    try:
+        await asyncio.gather(*(steps(c, 100) for c in clients))  # every channel mapped, allocator warm
         before = process_gpu_bytes(unet.process.pid)
         started = time.perf_counter()
-        for _ in range(10_000):
-            out, _ = await client.call("step", inputs, {"model": UNET})
+        await asyncio.gather(*(steps(c, 1250) for c in clients))  # 10,000 requests
         elapsed = time.perf_counter() - started
         after = process_gpu_bytes(unet.process.pid)
-        assert torch.equal(out["out"], first["out"])
         ipc = status(unet.url)["ipc"]
+    finally:
+        for c in clients:
+            await c.close()
     mib = 2**20
     print(f"10k IPC steps in {elapsed:.1f} s; service GPU memory {before / mib:.0f} -> {after / mib:.0f} MiB")
-    assert after - before <= 2 << 20, (before, after)
-    assert ipc["opened_total"] == 2 and ipc["buffers"] == 2
+    # A per-request leak here would be a mapping or buffer (≥ 1 MiB each, ×10,000); allow the allocator a
+    # new segment for a batch shape the warm-up did not meet.
+    assert after - before <= 16 << 20, (before, after)
+    assert ipc["opened_total"] == 16 and ipc["buffers"] == 16  # exported once per client, then reused
 
 
 _DYING_CLIENT = """
@@ -219,3 +230,34 @@ async def test_ipc_falls_back_to_http_with_the_reason(
             assert reason in client.ipc.disabled_reason(torch.device("cuda", 0))
         warnings = [r for r in caplog.records if "CUDA IPC off" in r.getMessage()]
         assert len(warnings) == 1 and reason in warnings[0].getMessage()
+
+
+def test_the_comfyui_pack_stages_host_tensors_through_ipc(models_dir, serve_process, unet_ref) -> None:
+    """VAE and CLIP results stay host tensors for ComfyUI, but cross by CUDA IPC when its GPU is the
+    service's; UNet steps (GPU tensors already) use IPC directly."""
+    from comfy_nodes.remote import Services
+    from comfy_nodes.settings import PackSettings
+
+    vae = serve_process("vae", models_dir, **GPU)
+    clip = serve_process("clip", models_dir, **GPU)
+    unet = serve_process("unet", models_dir, **GPU)
+    urls = {"vae": vae.url, "clip": clip.url, "unet": unet.url}
+    staged = Services(PackSettings(urls, None, None), gpu=torch.device("cuda", 0))
+    plain = Services(PackSettings(urls, None, None), gpu=torch.device("cpu"))
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    try:
+        image = staged.vae_decode(VAE, latent)
+        assert image.device.type == "cpu" and torch.equal(image, plain.vae_decode(VAE, latent))
+        back = staged.vae_encode(VAE, image)
+        assert back.device.type == "cpu" and torch.equal(back, plain.vae_encode(VAE, image))
+        cond, pooled, _ = staged.clip_encode(CLIP, {"text": "a lighthouse at dusk"})
+        ref_cond, ref_pooled, _ = plain.clip_encode(CLIP, {"text": "a lighthouse at dusk"})
+        assert cond.device.type == "cpu" and torch.equal(cond, ref_cond) and torch.equal(pooled, ref_pooled)
+        inputs = {k: t.cuda() for k, t in step_inputs(unet_ref, batch=2, seed=8).items()}
+        out = staged.unet_step(UNET, inputs["x"], inputs["timesteps"], inputs["context"])
+        assert out.is_cuda
+        assert staged.client("vae").aio.ipc.calls == 2 and staged.client("clip").aio.ipc.calls == 1
+        assert staged.client("unet").aio.ipc.calls == 1 and plain.client("vae").aio.ipc.calls == 0
+    finally:
+        staged.close()
+        plain.close()

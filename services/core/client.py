@@ -167,8 +167,7 @@ class AsyncClient:
         tensors = dict(tensors or {})
         target = torch.device(device) if device is not None else _first_gpu(tensors)
         if target is not None and target.type == "cuda":
-            if target.index is None:
-                target = torch.device("cuda", torch.cuda.current_device())
+            target = _indexed(target)
             if self.ipc_mode == "auto":
                 result = await self.ipc.call(op, tensors, params or {}, target)
                 if result is not None:
@@ -177,6 +176,13 @@ class AsyncClient:
         if target is not None:
             out = {name: t.to(target) for name, t in out.items()}
         return out, out_params
+
+    async def ipc_usable(self, device: torch.device | str) -> bool:
+        """Whether tensors on `device` would travel to this service through CUDA IPC."""
+        device = torch.device(device)
+        if self.ipc_mode == "off" or device.type != "cuda":
+            return False
+        return await self.ipc.check_service(_indexed(device))
 
     async def _http_call(
         self, op: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
@@ -222,6 +228,11 @@ class AsyncClient:
                 raise Unavailable(f"job {job_id} still {result.get('state')} after {timeout_s:.0f} s")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current>: IPC state is kept per GPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+
+
 def _first_gpu(tensors: Mapping[str, torch.Tensor]) -> torch.device | None:
     return next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
 
@@ -252,6 +263,9 @@ class Client:
 
     def status(self) -> dict[str, Any]:
         return self._run(self.aio.status())
+
+    def ipc_usable(self, device: torch.device | str) -> bool:
+        return self._run(self.aio.ipc_usable(device))
 
     def get_json(self, path: str) -> Any:
         return self._run(self.aio.get_json(path))

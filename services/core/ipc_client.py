@@ -72,7 +72,7 @@ class IpcTransport:
             log.warning("%s: CUDA IPC off for %s, tensors go over HTTP: %s", self.kind, device, reason)
         self._off[device] = reason
 
-    async def _check_service(self, device: torch.device) -> bool:
+    async def check_service(self, device: torch.device) -> bool:
         if device in self._off:
             return False
         if device in self._idle:
@@ -136,7 +136,7 @@ class IpcTransport:
         self, op: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any], device: torch.device
     ) -> tuple[Tensors, dict[str, Any]] | None:
         """The reply with its tensors on `device`, or None when IPC does not apply (then use HTTP)."""
-        if not await self._check_service(device):
+        if not await self.check_service(device):
             return None
         channel = await self._acquire(device)
         try:

@@ -69,6 +69,25 @@ def _start_redis(state_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
+def spawn_service(kind: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`luna-stack serve <kind>` as a child process with exactly `env`."""
+    return subprocess.Popen([sys.executable, "-m", "luna_stack.core.cli", "serve", kind], env=env)
+
+
+def wait_ready(kind: str, url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Block until the service answers /health/ready; raise if it exits or takes longer than timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"luna-stack serve {kind} exited with status {proc.returncode}")
+        ok, why = _ready(url)
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"luna-stack serve {kind} at {url} not ready after {timeout_s:.0f} s: {why}")
+        time.sleep(0.2)
+
+
 def _ready(url: str) -> tuple[bool, str]:
     try:
         with urllib.request.urlopen(url + "/health/ready", timeout=2) as resp:
@@ -140,9 +159,7 @@ def run_local(
         for kind in kinds:
             port = base_port + PORT_OFFSETS[kind]
             child_env = {**env, "LUNA_PORT": str(port)}
-            procs[kind] = subprocess.Popen(
-                [sys.executable, "-m", "luna_stack.core.cli", "serve", kind], env=child_env
-            )
+            procs[kind] = spawn_service(kind, child_env)
             urls[kind] = f"http://{settings.core.host}:{port}"
         pending = set(kinds)
         deadline = time.monotonic() + 600
