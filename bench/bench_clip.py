@@ -1,5 +1,6 @@
-"""CLIP L+G (SDXL) encode: N prompts merged in one forward against N encodes one after another, and one
-encode through the service over HTTP against the same encode in-process.
+"""CLIP L+G (SDXL) encode: N prompts merged in one forward against N encodes one after another (eager, and
+merged through captured CUDA graphs), and one encode through the service over HTTP (graphs on and off)
+against the same encode eager in-process. Issue 8's target: service with graphs <= 0.3x eager in-process.
 
 Writes random-weight clip_l / clip_g files (full size: the real SDXL text encoders' shapes; `--small`:
 the CPU fixtures), loads them as the service does, and prints the tables; results go to
@@ -21,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from luna_stack.clip.bpe import shared_bpe
 from luna_stack.clip.conditioning import EncodeJob, encode_jobs
+from luna_stack.clip.encoder_graphs import graphed_forward
 from luna_stack.clip.service import build
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.core.client import AsyncClient
@@ -53,17 +55,23 @@ async def measure(args: argparse.Namespace, root: Path) -> tuple[list[dict], lis
         return EncodeJob({s.key: tokenize(text, s, bpe, None, [], 64) for s in (CLIP_L, CLIP_G)})
 
     merging, overhead = [], []
-    with EmbeddedService(build(load_settings(None, env=env))) as svc:
+    eager_env = {**env, "LUNA_CLIP_GRAPHS": "false"}
+    with (
+        EmbeddedService(build(load_settings(None, env=env))) as svc,
+        EmbeddedService(build(load_settings(None, env=eager_env))) as eager_svc,
+    ):
         model = next(iter(svc.service.resident))
         device = svc.service.device
+        graphs = graphed_forward(model.graphs, model.slots) if model.graphs else None
 
-        async def forward(jobs: list[EncodeJob]) -> None:
-            encode_jobs(model.encoders, "sdxl", jobs)
+        async def forward(jobs: list[EncodeJob], graphed: bool = False) -> None:
+            encode_jobs(model.encoders, "sdxl", jobs, forward=graphs if graphed else None)
             sync(device)
 
         for n in args.batches:
             jobs = [job(i) for i in range(n)]
             merged = median_ms(await timed(lambda jobs=jobs: forward(jobs), args.repeats, warmup=3))
+            graph = median_ms(await timed(lambda jobs=jobs: forward(jobs, True), args.repeats, warmup=3))
 
             async def one_by_one(jobs: list[EncodeJob] = jobs) -> None:
                 for j in jobs:
@@ -75,16 +83,30 @@ async def measure(args: argparse.Namespace, root: Path) -> tuple[list[dict], lis
                     "prompts": n,
                     "merged_ms": merged,
                     "sequential_ms": sequential,
+                    "graph_ms": graph,
                     "sequential/merged": sequential / merged,
+                    "merged/graph": merged / graph,
                 }
             )
-        async with AsyncClient("clip", url=svc.url) as client:
-            params = {"model": MODEL, "text": PROMPT}
-            in_process = median_ms(await timed(lambda: forward([job(0)]), args.repeats, warmup=3))
-            http = median_ms(await timed(lambda: client.call("encode", None, params), args.repeats, warmup=3))
+        params = {"model": MODEL, "text": PROMPT}
+        in_process = median_ms(await timed(lambda: forward([job(0)]), args.repeats, warmup=3))
+        for path, url in (("http graphs", svc.url), ("http eager", eager_svc.url)):
+            async with AsyncClient("clip", url=url) as client:
+                http = median_ms(
+                    await timed(lambda c=client: c.call("encode", None, params), args.repeats, warmup=3)
+                )
             overhead.append(
-                {"path": "http", "in_process_ms": in_process, "service_ms": http, "ratio": http / in_process}
+                {"path": path, "in_process_ms": in_process, "service_ms": http, "ratio": http / in_process}
             )
+        graph = median_ms(await timed(lambda: forward([job(0)], True), args.repeats, warmup=3))
+        overhead.append(
+            {
+                "path": "in-process graphs",
+                "in_process_ms": in_process,
+                "service_ms": graph,
+                "ratio": graph / in_process,
+            }
+        )
     return merging, overhead
 
 
@@ -104,7 +126,9 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="luna-bench-") as tmp:
         merging, overhead = asyncio.run(measure(args, Path(tmp)))
-    print_table(merging, ["prompts", "merged_ms", "sequential_ms", "sequential/merged"])
+    print_table(
+        merging, ["prompts", "merged_ms", "sequential_ms", "graph_ms", "sequential/merged", "merged/graph"]
+    )
     print_table(overhead, ["path", "in_process_ms", "service_ms", "ratio"])
     meta = {"dtype": args.dtype, "repeats": args.repeats, "wall_s": round(time.perf_counter() - started, 1)}
     path = write_results("clip", args.small, meta, merging + overhead, str(select_device(args.device)))

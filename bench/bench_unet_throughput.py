@@ -1,5 +1,7 @@
-"""Aggregate UNet step throughput with 1/2/4/8 concurrent clients (CFG: 2 rows per step), with the
-service's batching on and off, against the in-process forward of the same total batch.
+"""Aggregate UNet step throughput with 1/2/4/8 concurrent clients (CFG: 2 rows per step): the service with
+captured CUDA graphs (batching on), eager with batching on and off, against the eager in-process forward
+of the same total batch. `graph_step/in_process` is the step time through the service with graphs over
+the eager in-process step (issue 8's single-client target: <= 0.5).
 
     python bench/bench_unet_throughput.py            # SDXL 1024² on the GPU
     python bench/bench_unet_throughput.py --small    # CPU smoke run (CI)
@@ -66,36 +68,39 @@ async def main() -> None:
     with models_root(args) as root:
         model = model_file(args, root)
         results: dict[str, dict[int, float]] = {}
-        for batching in (True, False):
-            async with serve(
-                args, root, batching=int(batching), max_batch=2 * max(counts), max_delay_ms=5
-            ) as (
-                url,
-                service,
-            ):
+        buckets = ",".join(str(b) for b in (1, 2, 4, 8, 16) if b <= 2 * max(counts)) or "1"
+        # (label, batching, graphs); LoRA slots 0: no LoRA graphs to capture at start for this benchmark.
+        for label, batching, graphs in (("graphs", 1, 1), ("batched", 1, 0), ("unbatched", 0, 0)):
+            env = dict(batching=batching, graphs=graphs, graph_buckets=buckets, lora_slots=0)
+            async with serve(args, root, max_batch=2 * max(counts), max_delay_ms=5, **env) as (url, service):
                 async with AsyncClient("unet", url=url) as client:
                     await client.call("load", {}, {"model": model})
                 loaded = next(iter(service.resident))
                 inputs = step_inputs(loaded, 2, args.latent, seed=0)
-                label = "batched" if batching else "unbatched"
                 results[label] = {
                     n: await clients_throughput(url, model, inputs, n, args.steps) for n in counts
                 }
-                if batching:
+                print(label, {n: round(v, 2) for n, v in results[label].items()}, flush=True)
+                if label == "batched":
                     results["in_process"] = {
                         n: in_process_throughput(loaded, inputs, n, args.steps) for n in counts
                     }
                 device = str(loaded.device)
+                del loaded, service
     for n in counts:
-        on, off, local = results["batched"][n], results["unbatched"][n], results["in_process"][n]
+        graphs, on, off = results["graphs"][n], results["batched"][n], results["unbatched"][n]
+        local = results["in_process"][n]
         rows.append(
             {
                 "clients": n,
+                "graphs_steps_s": graphs,
                 "batched_steps_s": on,
                 "unbatched_steps_s": off,
                 "in_process_steps_s": local,
+                "graphs/batched": graphs / on,
                 "batched/unbatched": on / off,
                 "batched/in_process": on / local,
+                "graph_step/in_process": local / graphs,
             }
         )
     print(f"UNet {args.family} {args.size}, latent {args.latent}², CFG (2 rows/step), {device}")

@@ -42,6 +42,18 @@ async def timed(fn: Callable[[], Awaitable[Any]], repeats: int, warmup: int = 1)
     return times
 
 
+def timed_sync(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
+    """`timed` for blocking calls (`fn` syncs the device itself)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 @contextlib.contextmanager
 def service_process(kind: str, env: dict[str, str], timeout_s: float = 600) -> Iterator[str]:
     """`luna-stack serve <kind>` as its own process (CUDA IPC needs two processes); yields its URL."""
@@ -99,4 +111,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    # Small values (relative errors, per-client GB) keep two significant digits instead of reading 0.00.
+    return f"{value:.2g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"

@@ -7,7 +7,7 @@ import argparse
 import contextlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ from luna_stack.core.config import load_settings
 from luna_stack.core.embedded import free_port
 from luna_stack.core.fixtures import unet_config, write_unet
 from luna_stack.core.lora_fixtures import write_lora
+from luna_stack.unet.loader import LoadedUnet
 from luna_stack.unet.service import UnetService, build
+from luna_stack.unet.step import unet_forward
 
-from .common import write_results
+from .common import sync, write_results
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -104,19 +106,41 @@ async def serve(
         await runner.cleanup()
 
 
-def step_inputs(model, rows: int, latent: int, seed: int) -> dict[str, torch.Tensor]:
+def config_inputs(
+    config: Mapping[str, Any], rows: int, latent: int, seed: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Random step inputs (host tensors) for a UNet config: what a client without the model sends."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = model.config
     inputs = {
-        "x": torch.randn(rows, cfg.in_channels, latent, latent, generator=gen).to(model.dtype),
+        "x": torch.randn(rows, config["in_channels"], latent, latent, generator=gen).to(dtype),
         "timesteps": torch.full((rows,), 500.0),
-        "context": torch.randn(rows, 77, cfg.cross_attention_dim, generator=gen).to(model.dtype),
+        "context": torch.randn(rows, 77, config["cross_attention_dim"], generator=gen).to(dtype),
     }
-    if model.adm_channels:
-        inputs["y"] = torch.randn(rows, model.adm_channels, generator=gen).to(model.dtype)
+    if config.get("class_embed_type") == "projection":  # SDXL's label embedding (LoadedUnet.adm_channels)
+        adm = config["projection_class_embeddings_input_dim"]
+        inputs["y"] = torch.randn(rows, adm, generator=gen).to(dtype)
     return inputs
 
 
-def save(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str) -> Path:
-    meta = {"family": args.family, "size": args.size, "latent": args.latent, "steps": args.steps}
+def step_inputs(model: LoadedUnet, rows: int, latent: int, seed: int) -> dict[str, torch.Tensor]:
+    return config_inputs(model.config, rows, latent, seed, model.dtype)
+
+
+def device_inputs(model: LoadedUnet, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Step inputs on the model's device in its compute dtype (timesteps stay fp32, as ComfyUI sends)."""
+    return {
+        k: v.to(model.device, torch.float32 if k == "timesteps" else model.dtype) for k, v in inputs.items()
+    }
+
+
+def forward(model: LoadedUnet, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One step in process, no service: ComfyUI's diffusion_model call on device inputs, synced."""
+    with torch.inference_mode():
+        out = unet_forward(model.unet, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"))
+    sync(model.device)
+    return out
+
+
+def save(name: str, args: argparse.Namespace, rows: list[dict[str, Any]], device: str, **extra: Any) -> Path:
+    meta = {"family": args.family, "size": args.size, "latent": args.latent, "steps": args.steps, **extra}
     return write_results(name, args.small, meta, rows, device)

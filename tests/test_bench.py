@@ -22,8 +22,22 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
             {"batched/unbatched", "batched/in_process"},
         ),
         ("bench_unet_lora.py", "unet_lora-small.json", {"case", "step_ms", "vs_0_loras"}),
-        ("bench_vae_overhead.py", "vae_overhead-small.json", {"in_process_ms", "http_ms", "ratio"}),
+        (
+            "bench_overhead.py",
+            "overhead-small.json",
+            {"operation", "in_process_gpu_ms", "in_process_cpu_ms", "http_ms", "http/in_process"},
+        ),
         ("bench_clip.py", "clip-small.json", {"prompts", "merged_ms", "sequential/merged"}),
+        (
+            "bench_memory.py",
+            "memory-small.json",
+            {"mode", "clients", "gpu_used_gb", "per_extra_client_gb", "vs_in_process"},
+        ),
+        (
+            "bench_precision.py",
+            "precision-small.json",
+            {"variant", "weights_gb", "bytes_vs_base", "step_ms", "time_vs_base", "rel_error"},
+        ),
     ],
 )
 def test_bench_script_runs_small(script: str, result: str, columns: set[str]) -> None:
@@ -31,8 +45,10 @@ def test_bench_script_runs_small(script: str, result: str, columns: set[str]) ->
     extra = {
         "bench_unet_throughput.py": ["--steps", "1", "--clients", "1,2"],
         "bench_unet_lora.py": ["--steps", "1"],
-        "bench_vae_overhead.py": ["--repeats", "1", "--rounds", "1", "--sizes", "64"],
+        "bench_overhead.py": ["--repeats", "1"],
         "bench_clip.py": ["--repeats", "2", "--batches", "1,2"],
+        "bench_memory.py": ["--clients", "1,2", "--steps", "1", "--modes", "stack_http,in_process"],
+        "bench_precision.py": ["--steps", "2"],
     }[script]
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--small", *extra],

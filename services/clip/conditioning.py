@@ -22,11 +22,14 @@ import torch
 
 from luna_stack.core.errors import BadRequest
 
-from .encoders import ClipEncoder
+from .encoders import ClipEncoder, ForwardOutput, to_device
 from .tokenize import Chunk, empty_ids
 
 # (encoder, per-row LoRA stack keys) -> context in which the encoder's forward applies them
 LoraContext = Callable[[ClipEncoder, Sequence[Hashable]], AbstractContextManager[None]]
+# (encoder, input embeddings, layers to keep, per-row LoRA stack keys) -> the encoder's outputs; the
+# service's runs captured graphs (encoder_graphs.py). Outputs may be static buffers: used before the next.
+Forward = Callable[[ClipEncoder, torch.Tensor, frozenset[int], Sequence[Hashable]], ForwardOutput]
 NO_LORA: tuple[()] = ()
 
 
@@ -63,7 +66,11 @@ def _weighted(chunks: list[Chunk]) -> bool:
 
 
 def encode_rows(
-    encoder: ClipEncoder, family: str, jobs: Sequence[EncodeJob], lora_context: LoraContext | None
+    encoder: ClipEncoder,
+    family: str,
+    jobs: Sequence[EncodeJob],
+    lora_context: LoraContext | None,
+    forward: Forward | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(z [1, 77*k, width] float32, pooled [1, P] float32) per job for one encoder, in one forward."""
     rows: list[Chunk] = []
@@ -85,8 +92,12 @@ def encode_rows(
                 row_lora.append(job.lora)
     layers = [choose_layer(family, job.clip_skip, encoder.num_layers) for job in jobs]
     embeds, pool_at = encoder.embed(rows)
-    with _lora(lora_context, encoder, row_lora):
-        out = encoder.forward(embeds, keep={layer.index for layer in layers if layer.index is not None})
+    keep = frozenset(layer.index for layer in layers if layer.index is not None)
+    if forward is not None:
+        out = forward(encoder, embeds, keep, row_lora)
+    else:
+        with _lora(lora_context, encoder, row_lora):
+            out = encoder.forward(embeds, keep)
     results = []
     for job, layer, start in zip(jobs, layers, first_row, strict=True):
         chunks = job.chunks[encoder.kind]
@@ -94,7 +105,7 @@ def encode_rows(
         if _weighted(chunks):
             empty_at = empty_row[(job.lora, max(len(c) for c in chunks))]
             z_empty = _select(encoder, out.final, out.hidden, layer, slice(empty_at, empty_at + 1)).float()[0]
-            w = torch.tensor([[w for _, w in chunk] for chunk in chunks], device=z.device).unsqueeze(-1)
+            w = to_device(torch.tensor([[w for _, w in chunk] for chunk in chunks]), z.device).unsqueeze(-1)
             z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
         pooled = out.final[start : start + 1, pool_at[start]]
         if encoder.kind == "g":
@@ -127,9 +138,12 @@ def encode_jobs(
     family: str,
     jobs: Sequence[EncodeJob],
     lora_context: LoraContext | None = None,
+    forward: Forward | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(cond, pooled) per job: SD1.5 = CLIP-L; SDXL = CLIP-L ++ CLIP-G with CLIP-G's pooled."""
-    per_encoder = {key: encode_rows(enc, family, jobs, lora_context) for key, enc in encoders.items()}
+    per_encoder = {
+        key: encode_rows(enc, family, jobs, lora_context, forward) for key, enc in encoders.items()
+    }
     if family != "sdxl":
         return per_encoder["l"]
     results = []

@@ -22,6 +22,14 @@ from .bpe import EOS
 from .tokenize import CLIP_G, CLIP_L, Chunk
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stalling the host: from pinned memory, asynchronously (a
+    pageable copy would wait for every kernel queued before it, e.g. the other encoder's graph)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardOutput:
     hidden: dict[int, torch.Tensor]  # encoder layer index (0-based) -> its output, [rows, length, width]
@@ -89,24 +97,24 @@ class ClipEncoder:
         """Input embeddings [rows, length, width] and each row's pooling position.
 
         As in ComfyUI: a textual-inversion vector of the wrong width is dropped and the row padded at the
-        end; the pooled token is the first EOS, counting inserted vectors.
+        end; the pooled token is the first EOS, counting inserted vectors. All rows' ids go to the device
+        in one copy and through one lookup.
         """
-        table = self.text.embeddings.token_embedding
-        rows: list[torch.Tensor] = []
+        ids: list[list[int]] = []
+        vectors: list[tuple[int, int, torch.Tensor]] = []  # (row, position, textual-inversion vector)
         pool_at: list[int] = []
-        for chunk in chunks:
+        for row, chunk in enumerate(chunks):
             tokens = [t for t, _ in chunk if isinstance(t, int) or t.shape[-1] == self.width]
             dropped = len(chunk) - len(tokens)
             tokens += [self.spec.pad] * dropped
-            ids = torch.tensor([t if isinstance(t, int) else 0 for t in tokens], device=self.device)
-            row = table(ids)
-            for i, t in enumerate(tokens):
-                if not isinstance(t, int):
-                    row[i] = t.to(device=row.device, dtype=row.dtype)
-            rows.append(row)
+            ids.append([t if isinstance(t, int) else 0 for t in tokens])
+            vectors += [(row, i, t) for i, t in enumerate(tokens) if not isinstance(t, int)]
             eos = next((i for i, t in enumerate(tokens) if isinstance(t, int) and t == EOS), None)
             pool_at.append(eos if eos is not None else len(tokens) - 1 - dropped)
-        return torch.stack(rows), pool_at
+        embeds = self.text.embeddings.token_embedding(to_device(torch.tensor(ids), self.device))
+        for row, i, t in vectors:
+            embeds[row, i] = t.to(device=embeds.device, dtype=embeds.dtype)
+        return embeds, pool_at
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, keep: Iterable[int]) -> ForwardOutput:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -38,6 +38,7 @@ class ClipModel:
     files: tuple[Path, ...]
     content_id: str
     slots: dict[str, LoraSlots] = field(default_factory=dict)
+    graphs: dict[str, Any] = field(default_factory=dict)  # encoder key -> GraphRunner (encoder_graphs.py)
 
     def __post_init__(self) -> None:
         self.slots = {key: attach_side_paths(enc.model) for key, enc in self.encoders.items()}

@@ -3,7 +3,8 @@
 A request names a model and gives either text (tokenized here, ComfyUI's syntax) or per-encoder token
 chunks with weights (what ComfyUI's own tokenizer produced). Concurrent requests for one model run as
 one forward through the Batcher; per-request LoRA goes through the side path; results are cached in
-Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes).
+Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes). On CUDA each encoder's
+forward replays a captured graph per row bucket (encoder_graphs.py), LoRA through its static bank.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .bpe import shared_bpe
 from .cache import ConditioningCache, cache_key
 from .conditioning import EncodeJob, encode_jobs
 from .embeddings import EmbeddingStore
+from .encoder_graphs import build_runner, default_layers, graphed_forward
 from .encoders import ClipEncoder
 from .models import FOLDERS, ClipModel, load_clip_model
 from .settings import ClipSettings
@@ -47,6 +49,7 @@ SIZE_KEYS = {
     "target_height": 1024,
 }
 _COMPONENT = {"l": "clip_l", "g": "clip_g"}
+_INLINE_TOKENIZE = 1000  # characters of prompt tokenized on the event loop (BPE is cached: ~0.1 ms)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class ClipService(ModelService):
         self.embeddings = EmbeddingStore(root / "embeddings" for root in self.roots.roots)
         self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
         self.cache: ConditioningCache | None = None
+        self.graph_cfg = self.cfg.graph
+        self.graphs_on = self.graph_cfg.enabled and self.device.type == "cuda"
         self.cache_lookups = Counter(
             "luna_clip_cache_lookups_total",
             "Conditioning cache lookups by result",
@@ -87,7 +92,14 @@ class ClipService(ModelService):
 
     # -- models ---------------------------------------------------------------------------------------
     def _load(self, name: str) -> ClipModel:
-        return load_clip_model(name, self.roots, device=self.device, dtype=self.dtype)
+        model = load_clip_model(name, self.roots, device=self.device, dtype=self.dtype)
+        if self.graphs_on:
+            for key, encoder in model.encoders.items():
+                runner = build_runner(encoder, name, self.graph_cfg, self.metrics.graph_forwards)
+                model.graphs[key] = runner
+                if not self.graph_cfg.lazy:
+                    runner.warm_up([default_layers(encoder, model.family)])
+        return model
 
     def models(self) -> list[dict[str, Any]]:
         return [
@@ -134,6 +146,9 @@ class ClipService(ModelService):
     async def _chunks(self, model: ClipModel, part: Params) -> tuple[dict[str, list[Chunk]], list[str]]:
         tokens = part.get("tokens")
         if tokens is None:
+            texts = [v for k, v in part.items() if k.startswith("text") and isinstance(v, str)]
+            if sum(map(len, texts)) <= _INLINE_TOKENIZE:  # a thread hop costs more than a short prompt
+                return self._tokenize_text(model, part)
             return await asyncio.to_thread(self._tokenize_text, model, part)
         if not isinstance(tokens, dict):
             raise BadRequest(
@@ -257,7 +272,8 @@ class ClipService(ModelService):
             rows = [(1, s.per_encoder.get(encoder.kind, ())) for s in row_stacks]  # type: ignore[attr-defined]
             return model.slots[encoder.kind].plan(row_groups(rows))
 
-        results = encode_jobs(model.encoders, model.family, jobs, lora_plan)
+        forward = graphed_forward(model.graphs, model.slots) if model.graphs else None
+        results = encode_jobs(model.encoders, model.family, jobs, lora_plan, forward)
         return [(cond.cpu(), pooled.cpu()) for cond, pooled in results]
 
     # -- status ---------------------------------------------------------------------------------------------
@@ -275,6 +291,12 @@ class ClipService(ModelService):
             },
             "conditioning_cache": vars(self.cache.stats) if self.cache is not None else None,
             "lora_cache": vars(lora),
+            "graphs": {
+                "enabled": self.graphs_on,
+                "buckets": list(self.graph_cfg.buckets),
+                "capture": "lazy" if self.graph_cfg.lazy else "start",
+                "models": [r.describe() for m in self.resident for r in m.graphs.values()],
+            },
         }
 
 

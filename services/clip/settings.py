@@ -5,6 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from luna_stack.core.config import section, setting
+from luna_stack.core.graph_config import (
+    GraphConfig,
+    buckets_setting,
+    capture_setting,
+    graphs_setting,
+    lora_rank_setting,
+    lora_slots_setting,
+    max_shapes_setting,
+)
 
 
 @section("clip")
@@ -24,3 +33,18 @@ class ClipSettings:
     cache: bool = setting(True, "Keep conditioning in Redis, shared by every replica (needs redis_url).")
     cache_ttl_s: int = setting(7 * 86400, "Lifetime of a cached conditioning entry.", minimum=1)
     lora_cache_mb: int = setting(512, "Device memory for cached CLIP LoRA adapters (LRU).", minimum=1)
+    graphs: bool = graphs_setting("the text encoders")
+    graph_buckets: list[str] = buckets_setting(
+        ["1", "2", "4", "8", "16", "32"], "77-token rows, weighted prompts add an empty-prompt row"
+    )
+    graph_capture: str = capture_setting("the family's default layer (clip skip)")
+    graph_max_shapes: int = max_shapes_setting("the set of layers a batch reads: clip skip")
+    lora_slots: int = lora_slots_setting()
+    lora_max_rank: int = lora_rank_setting()
+
+    def __post_init__(self) -> None:
+        GraphConfig.of(self, "clip")  # a bad bucket list stops the service at start, naming the key
+
+    @property
+    def graph(self) -> GraphConfig:
+        return GraphConfig.of(self, "clip")

@@ -5,6 +5,10 @@ oldest request waited longest, lets the batch fill for at most `max_delay_ms` (o
 until every client recently active on that key has a request waiting, so a lone client never waits),
 and picks rows round-robin across clients so one busy client cannot starve the others. If a merged
 batch fails, each request is retried alone, so one bad request fails only itself.
+
+With graph `buckets` (the batch sizes that replay a captured CUDA graph, graphs.py), a batch that would
+waste over a third of its bucket in padding, or exceed the largest bucket, leaves its last-picked requests
+for the next batch: 10 rows with buckets 8/16 run as 8 now and 2 next, not as 16 (or 10 eager).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .executor import GpuExecutor
+from .graph_config import round_up
 from .metrics import Metrics
 
 I = TypeVar("I")  # noqa: E741 - item type
@@ -33,6 +38,7 @@ class _Pending(Generic[I, R]):
     client: str
     future: asyncio.Future[R]
     enqueued: float = field(default_factory=time.monotonic)
+    deferred: bool = False  # left out of a full batch to fit a graph bucket: goes next, without waiting
 
 
 class Batcher(Generic[I, R]):
@@ -45,6 +51,7 @@ class Batcher(Generic[I, R]):
         max_rows: int,
         max_delay_ms: float,
         metrics: Metrics | None = None,
+        buckets: Sequence[int] | None = None,
     ):
         self.op = op
         self._run = run
@@ -52,6 +59,7 @@ class Batcher(Generic[I, R]):
         self.max_rows = max_rows
         self.max_delay = max_delay_ms / 1000.0
         self._metrics = metrics
+        self.buckets = tuple(sorted(buckets)) if buckets else ()
         self._pending: list[_Pending[I, R]] = []
         # (key, client) -> when it last submitted: who may still join a filling batch.
         self._last_seen: dict[tuple[Hashable, str], float] = {}
@@ -105,8 +113,27 @@ class Batcher(Generic[I, R]):
                 rows += p.rows
                 if not q:
                     queues.remove(q)
+        chosen = self._fit_bucket(chosen)
         picked = {id(p) for p in chosen}
         self._pending = [p for p in self._pending if id(p) not in picked and not p.future.cancelled()]
+        return chosen
+
+    def _fit_bucket(self, chosen: list[_Pending[I, R]]) -> list[_Pending[I, R]]:
+        """Drop last-picked requests down to a bucket when padding would waste over a third of the next
+        bucket up, or when no bucket holds the batch (a request is never split; one always stays)."""
+        rows = sum(p.rows for p in chosen)
+        if not self.buckets or len(chosen) < 2:
+            return chosen
+        padded = round_up(self.buckets, rows)
+        if padded is not None and (padded - rows) * 3 <= padded:
+            return chosen
+        target = max((b for b in self.buckets if b < rows), default=None)
+        if target is None:
+            return chosen
+        while len(chosen) > 1 and rows > target:
+            left = chosen.pop()
+            left.deferred = True
+            rows -= left.rows
         return chosen
 
     def _ready_rows(self, key: Hashable) -> int:
@@ -133,7 +160,8 @@ class Batcher(Generic[I, R]):
             deadline = oldest.enqueued + self.max_delay
             # Let the batch fill until it is full or the oldest request has waited max_delay.
             while (
-                self._ready_rows(oldest.key) < self.max_rows
+                not oldest.deferred
+                and self._ready_rows(oldest.key) < self.max_rows
                 and time.monotonic() < deadline
                 and not self._everyone_waiting(oldest.key)
             ):

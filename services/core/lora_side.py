@@ -14,8 +14,11 @@ MLP layers, [B, C, H, W] for convs, [B, C] for embeddings). Rows outside every g
 exactly base(x), bitwise: the hook only adds into the rows of its groups.
 
 No host sync happens in a forward: the plan is compiled on entry into per-module lists of row ranges and
-(factors, scale) terms; factors already live on the model's device and dtype. A CUDA-graph capture
-(issue 8) can therefore replay a forward under a fixed plan shape.
+(factors, scale) terms; factors already live on the model's device and dtype.
+
+Captured CUDA graphs (graphs.py) use the same hooks with a static `LoraBank` instead of a plan
+(`use_bank`): adapters in fixed slots, chosen per row by a scale tensor, so one capture serves every
+stack. A batch whose adapters do not fit the bank runs eager under a plan, as here.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,9 @@ from torch import nn
 
 from .errors import BadRequest
 from .lora_resolve import ResolvedLora, adaptable_modules
+
+if TYPE_CHECKING:
+    from .lora_bank import LoraBank
 
 Stack = Sequence[tuple[ResolvedLora, float]]  # adapters and their strengths, applied together
 RowGroup = tuple[int, int, Stack]  # rows [start, end) of the batch and their stack
@@ -80,6 +86,9 @@ class LoraSlots:
         self._model_ref = weakref.ref(model)
         self.modules = adaptable_modules(model)
         self._active: ContextVar[_CompiledPlan | None] = ContextVar(f"lora_plan_{id(self)}", default=None)
+        self._bank: ContextVar[tuple[LoraBank, torch.Tensor, tuple[int, int]] | None] = ContextVar(
+            f"lora_bank_{id(self)}", default=None
+        )
         self._handles = [
             module.register_forward_hook(partial(self._side, name), with_kwargs=True)
             for name, module in self.modules.items()
@@ -92,6 +101,19 @@ class LoraSlots:
             yield
         finally:
             self._active.reset(token)
+
+    @contextmanager
+    def use_bank(self, bank: LoraBank, scale: torch.Tensor, window: tuple[int, int]) -> Iterator[None]:
+        """Forwards inside add `bank`'s side path over its slots `window`, rows weighted by `scale`."""
+        token = self._bank.set((bank, scale, window))
+        try:
+            yield
+        finally:
+            self._bank.reset(token)
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model_ref()
 
     def detach(self) -> None:
         """Remove the hooks; the model is then exactly what it was before attach_side_paths."""
@@ -132,11 +154,16 @@ class LoraSlots:
         kwargs: dict[str, Any],
         output: torch.Tensor,
     ) -> torch.Tensor | None:
+        banked = self._bank.get()
         plan = self._active.get()
         work = plan.get(name) if plan else None
-        if not work:
+        if not work and (banked is None or name not in banked[0].down):
             return None
         x = args[0] if args else kwargs["input"]
+        if banked is not None and name in banked[0].down:
+            banked[0].apply(name, x, output, banked[1], banked[2])
+        if not work:
+            return output
         for start, end, terms in work:
             if end > x.shape[0]:
                 raise ValueError(f"LoRA plan reaches row {end} but {name} sees a batch of {x.shape[0]}")

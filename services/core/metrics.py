@@ -51,6 +51,14 @@ class Metrics:
             ["transport"],
             registry=self.registry,
         )
+        self.graph_forwards = Counter(
+            "luna_graph_forwards_total",
+            "Forwards by path: a captured CUDA graph replayed, or eager with the reason (rows: above the "
+            "largest bucket, shapes: graph_max_shapes reached, lora: stacks do not fit the bank, capture: "
+            "capture failed)",
+            ["op", "path", "reason"],
+            registry=self.registry,
+        )
         self.jobs = Counter("luna_jobs_total", "Queued jobs by outcome", ["outcome"], registry=self.registry)
         self.gpu_memory = Gauge(
             "luna_gpu_memory_bytes",

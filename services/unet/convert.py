@@ -107,14 +107,16 @@ def _step(path: Path, precision: str, inputs: dict[str, torch.Tensor], device: t
     return out.float().cpu()
 
 
-def convert(
-    source: Path, target: str, out: Path | None = None, device: torch.device | None = None, latent: int = 64
-) -> ConvertReport:
+def default_output(source: Path, target: str) -> Path:
+    suffix = ".safetensors" if target == "fp8" else ".gguf"
+    return source.with_name(f"{source.stem}-{target}{suffix}")
+
+
+def write_copy(source: Path, target: str, out: Path | None = None) -> tuple[Path, dict[str, Any], int]:
+    """Write the converted copy only; returns its path, the UNet config and the source's fp16 bytes."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
-    device = device or select_device("auto")
-    suffix = ".safetensors" if target == "fp8" else ".gguf"
-    out = out or source.with_name(f"{source.stem}-{target}{suffix}")
+    out = out or default_output(source, target)
     info = detect(load_shapes(source))
     sd_ldm = read_safetensors_unet(source)
     config = unet_config_from_state_dict(sd_ldm)
@@ -124,9 +126,14 @@ def convert(
         if info.family not in _GGUF_ARCH:
             raise ValueError(f"{source.name}: cannot tell SD1.5 from SDXL (family {info.family})")
         write_gguf(sd_ldm, out, info.family, target)
-    fp16_bytes = sum(t.numel() * 2 for t in sd_ldm.values())
-    del sd_ldm
+    return out, config, sum(t.numel() * 2 for t in sd_ldm.values())
 
+
+def convert(
+    source: Path, target: str, out: Path | None = None, device: torch.device | None = None, latent: int = 64
+) -> ConvertReport:
+    device = device or select_device("auto")
+    out, config, fp16_bytes = write_copy(source, target, out)
     inputs = _random_step(config, latent, seed=0)
     expected = _step(source, "fp16", inputs, device)
     got = _step(out, "fp16", inputs, device)

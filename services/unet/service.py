@@ -9,6 +9,9 @@ and `batch_rows` (rows in the forward this step ran in).
 Concurrent steps with the same model, latent shape, dtype, context length and control slots are merged
 into one forward; a request's rows (a cond/uncond pair) always stay together, and each request's LoRA
 stack applies to its own rows only, beside the frozen weights.
+
+On CUDA the forward replays a captured graph of its (shape, batch bucket), LoRA stacks through the
+graph's static adapter bank (step_graphs.py, core/graphs.py); what does not fit runs eager.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from aiohttp import web
 from luna_stack.core.batching import Batcher
 from luna_stack.core.config import Settings
 from luna_stack.core.errors import BadRequest, NotFound
+from luna_stack.core.graph_config import parse_latents
 from luna_stack.core.ipc import Sink
 from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
 from luna_stack.core.lora_request import parse_stack
@@ -36,6 +40,7 @@ from luna_stack.core.tensors import dtype_name, require_tensor
 from .loader import LoadedUnet, load_unet
 from .settings import UnetSettings
 from .step import BlockResiduals, check_control, control_from_wire, input_block_shapes, unet_forward
+from .step_graphs import build_runner, step_shape, warm_up_shapes
 
 log = logging.getLogger(__name__)
 FOLDERS = ("unet", "checkpoints")
@@ -73,6 +78,8 @@ class UnetService(ModelService):
         self._lora_caches: dict[torch.dtype, LoraCache] = {}
         self._redis: Any = None
         self._unbatched = itertools.count()
+        self.graph_cfg = self.cfg.graph
+        self.graphs_on = self.graph_cfg.enabled and self.device.type == "cuda"
         self.batcher: Batcher[_Step, tuple[torch.Tensor, int]] = Batcher(
             "unet",
             self._run_batch,
@@ -80,6 +87,7 @@ class UnetService(ModelService):
             max_rows=self.cfg.max_batch,
             max_delay_ms=self.cfg.max_delay_ms if self.cfg.batching else 0.0,
             metrics=self.metrics,
+            buckets=self.graph_cfg.buckets if self.graphs_on else None,
         )
 
     # -- models ---------------------------------------------------------------------------------------
@@ -87,6 +95,11 @@ class UnetService(ModelService):
         model = load_unet(name, self.roots.resolve(name, FOLDERS), self.precision, self.device)
         attach_side_paths(model.unet)
         log.info("loaded UNet %s (%s, %.1f MiB)", model.name, model.precision, model.nbytes / 2**20)
+        if self.graphs_on:
+            model.graphs = build_runner(model, self.graph_cfg, self.metrics.graph_forwards)
+            if not self.graph_cfg.lazy:
+                latents = parse_latents(self.cfg.graph_latents, "unet.graph_latents")
+                model.graphs.warm_up(warm_up_shapes(model, latents))
         return model
 
     def models(self) -> list[dict[str, Any]]:
@@ -168,22 +181,35 @@ class UnetService(ModelService):
     # -- compute thread -------------------------------------------------------------------------------
     def _run_batch(self, key: Hashable, items: Sequence[_Step]) -> list[tuple[torch.Tensor, int]]:
         model = items[0].model
-        device, dtype = model.device, model.dtype
-
-        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat(tensors).to(device=device, dtype=dtype)
-
-        x = cat([s.x for s in items])
-        timesteps = torch.cat([s.timesteps for s in items]).to(device=device, dtype=torch.float32)
-        context = cat([s.context for s in items])
-        y = cat([s.y for s in items]) if model.adm_channels is not None else None
+        stacks = [(s.rows, s.stack) for s in items]
         slots = items[0].control  # the batch key holds the slot names: every item has the same
-        control = BlockResiduals.from_named({slot: cat([s.control[slot] for s in items]) for slot in slots})
-        plan = row_groups([(s.rows, s.stack) for s in items])
-        with torch.inference_mode(), attach_side_paths(model.unet).plan(plan):
-            out = unet_forward(model.unet, x, timesteps, context, y, control)
+        inputs = {
+            "x": [s.x for s in items],
+            "timesteps": [s.timesteps for s in items],
+            "context": [s.context for s in items],
+            **({"y": [s.y for s in items]} if model.adm_channels is not None else {}),
+            **{f"control.{slot}": [s.control[slot] for s in items] for slot in slots},
+        }
+
+        def eager() -> torch.Tensor:
+            def cat(name: str, dtype: torch.dtype = model.dtype) -> torch.Tensor:
+                return torch.cat(inputs[name]).to(device=model.device, dtype=dtype)  # type: ignore[arg-type]
+
+            y = cat("y") if "y" in inputs else None
+            control = BlockResiduals.from_named({slot: cat(f"control.{slot}") for slot in slots})
+            with torch.inference_mode(), attach_side_paths(model.unet).plan(row_groups(stacks)):
+                return unet_forward(
+                    model.unet, cat("x"), cat("timesteps", torch.float32), cat("context"), y, control
+                )
+
+        if model.graphs is None:
+            out = eager()
+        else:
+            shape = step_shape(items[0].x, items[0].context, slots)
+            out = model.graphs.run(shape, inputs, stacks, eager)
+        # A graph's output is a static buffer: every part is put (copied out) before the next replay.
         parts = torch.split(out, [s.rows for s in items])
-        rows = x.shape[0]
+        rows = out.shape[0]
         return [(s.sink.put("out", part.to(s.x.dtype)), rows) for part, s in zip(parts, items, strict=True)]
 
     # -- extra routes & status ------------------------------------------------------------------------
@@ -211,6 +237,12 @@ class UnetService(ModelService):
                 "largest_batch": b.largest_batch,
             },
             "lora_cache": caches,
+            "graphs": {
+                "enabled": self.graphs_on,
+                "buckets": list(self.graph_cfg.buckets),
+                "capture": "lazy" if self.graph_cfg.lazy else "start",
+                "models": [m.graphs.describe() for m in self.resident if m.graphs is not None],
+            },
         }
 
     async def shutdown(self) -> None:

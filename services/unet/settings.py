@@ -5,6 +5,16 @@ from __future__ import annotations
 import dataclasses
 
 from luna_stack.core.config import section, setting
+from luna_stack.core.graph_config import (
+    GraphConfig,
+    buckets_setting,
+    capture_setting,
+    graphs_setting,
+    lora_rank_setting,
+    lora_slots_setting,
+    max_shapes_setting,
+    parse_latents,
+)
 
 
 @section("unet")
@@ -31,3 +41,24 @@ class UnetSettings:
     )
     lora_cache_mb: float = setting(2048.0, "Device memory for cached LoRA adapters, in MiB.", minimum=1)
     max_loras: int = setting(16, "Most LoRAs in one request's stack.", minimum=0)
+    graphs: bool = graphs_setting("steps")
+    graph_buckets: list[str] = buckets_setting(
+        ["1", "2", "4", "8", "16"], "latent rows; CFG sends 2 per step"
+    )
+    graph_capture: str = capture_setting("the graph_latents sizes at 77 context tokens")
+    graph_latents: list[str] = setting(
+        [],
+        "Latent sizes HxW captured at start (graph_capture=start); empty = the family's native size "
+        "(SDXL 128x128, SD1.5 64x64). env: comma-separated.",
+    )
+    graph_max_shapes: int = max_shapes_setting("latent size, context length, ControlNet slots")
+    lora_slots: int = lora_slots_setting()
+    lora_max_rank: int = lora_rank_setting()
+
+    def __post_init__(self) -> None:
+        GraphConfig.of(self, "unet")  # a bad bucket list stops the service at start, naming the key
+        parse_latents(self.graph_latents, "unet.graph_latents")
+
+    @property
+    def graph(self) -> GraphConfig:
+        return GraphConfig.of(self, "unet")

@@ -1,0 +1,243 @@
+"""Captured CUDA graphs on a real GPU (make test-gpu): every bucket's replay equals the eager forward within
+fp16 tolerance, with and without LoRA stacks from the static bank; the services under concurrency (clients
+with different stacks in one batch) against the same services with graphs off; batches outside the
+buckets run eager and are counted; the memory of every graph is reported in /v1/status.
+
+fp16 tolerance: graph and eager runs differ by kernels picked for other row counts (padded buckets) and,
+with LoRA, by where alpha/rank is applied: max |Δ| / max |eager| < 5e-3. Each LoRA moves its rows by
+far more (asserted), so a stack on the wrong rows cannot pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from luna_stack.clip.encoder_graphs import build_runner as build_clip_runner
+from luna_stack.clip.encoder_graphs import default_layers
+from luna_stack.clip.models import load_clip_model
+from luna_stack.clip.service import LoraStack
+from luna_stack.clip.service import build as build_clip
+from luna_stack.core.client import AsyncClient
+from luna_stack.core.lora import attach_side_paths
+from luna_stack.core.lora_fixtures import write_lora
+from luna_stack.core.metrics import Metrics
+from luna_stack.core.paths import ModelRoots
+from luna_stack.unet.loader import LoadedUnet, load_unet
+from luna_stack.unet.service import build as build_unet
+from luna_stack.unet.step_graphs import StepShape, build_runner
+
+from .conftest import make_settings
+from .test_graphs import (
+    SDXL,
+    clip_encode,
+    clip_jobs,
+    clip_loras,
+    eager_forwards,
+    eager_step,
+    graph_config,
+    graph_step,
+    step_requests,
+    unet_loras,
+)
+from .test_unet_support import step_inputs
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+CUDA = torch.device("cuda:0")
+TOL = 5e-3
+CLIP_PAIR = "clip/clip_l.safetensors+clip/clip_g.safetensors"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+@pytest.fixture(scope="module")
+def unet16(models_dir: Path) -> LoadedUnet:
+    model = load_unet("sdxl", models_dir / SDXL, "fp16", CUDA)
+    attach_side_paths(model.unet)
+    return model
+
+
+@pytest.fixture(scope="module")
+def loras16(models_dir: Path, unet16: LoadedUnet, tmp_path_factory):
+    return unet_loras(models_dir, unet16, tmp_path_factory.mktemp("gpu_loras"))
+
+
+def test_unet_every_bucket_replays_like_eager_with_and_without_lora(unet16: LoadedUnet, loras16) -> None:
+    a, b = loras16["a"], loras16["b"]
+    metrics = Metrics("unet")
+    runner = build_runner(unet16, graph_config(buckets=(1, 2, 4, 8), slots=2, rank=8), metrics.graph_forwards)
+    assert runner.cuda_graphs
+    runner.warm_up([StepShape(8, 8)])
+    graphs = runner.describe()["graphs"]
+    # Per bucket: no LoRA, slot 0 alone, slot 1 alone, both slots.
+    assert len(graphs) == 16 and all(g["bytes"] > 0 and g["replays"] == 0 for g in graphs)
+    cycle = [((a, 0.8),), (), ((a, 0.5), (b, -1.0)), ((b, 1.2),)]
+    for rows in range(1, 9):  # every bucket, full and padded (3 -> 4, 5..7 -> 8)
+        for lora in (False, True):
+            stacks = [cycle[i % 4] if lora else () for i in range(rows)]
+            requests = step_requests(unet16, stacks, rows=1, seed=100 * rows)
+            out = graph_step(runner, requests)
+            ref = eager_step(unet16, requests)
+            assert rel_err(out, ref) < TOL, (rows, lora, rel_err(out, ref))
+            if lora:
+                base = eager_step(unet16, [(r[0], ()) for r in requests])
+                assert rel_err(ref[:1], base[:1]) > 4 * TOL  # row 0 has adapter a: clearly moved
+    assert runner.eager == {}
+    assert sum(g["replays"] for g in runner.describe()["graphs"]) == 16
+    assert len(runner.describe()["graphs"]) == 16  # switching stacks never re-captured
+
+
+def test_clip_every_bucket_replays_like_eager_with_and_without_lora(models_dir: Path, tmp_path: Path) -> None:
+    clip = load_clip_model(CLIP_PAIR, ModelRoots([models_dir]), device=CUDA, dtype=torch.float16)
+    metrics = Metrics("clip")
+    config = graph_config(buckets=(1, 2, 4, 8), slots=2, rank=8)
+    runners = {
+        k: build_clip_runner(e, "sdxl", config, metrics.graph_forwards) for k, e in clip.encoders.items()
+    }
+    for key, runner in runners.items():
+        runner.warm_up([default_layers(clip.encoders[key], clip.family)])
+        assert len(runner.describe()["graphs"]) == 16
+    with_lora = clip_loras(clip, tmp_path, CUDA, torch.float16)
+    cases = [[LoraStack(())], [LoraStack(()), *with_lora], with_lora]
+    for stacks in cases:
+        for jobs in (clip_jobs(stacks)[:1], clip_jobs(stacks)):  # 2 rows; 5 rows (padded to 8)
+            for (cond, pooled), (ref_cond, ref_pooled) in zip(
+                clip_encode(clip, jobs, runners), clip_encode(clip, jobs), strict=True
+            ):
+                assert rel_err(cond, ref_cond) < TOL and rel_err(pooled, ref_pooled) < TOL
+    assert all(r.eager == {} for r in runners.values())
+    assert eager_forwards(metrics, "clip", "lora") == 0
+
+
+@pytest.fixture(scope="module")
+def service_loras(models_dir: Path) -> dict[str, str]:
+    """LoRA files in the shared models dir for the SDXL small UNet."""
+    cpu = load_unet("w", models_dir / SDXL, "fp32", torch.device("cpu"))
+    names = {}
+    for name, fmt, seed in (("ga", "kohya", 1), ("gb", "peft", 2), ("gc", "kohya", 3)):
+        names[name] = f"graphs-{name}.safetensors"
+        write_lora(models_dir / "loras" / names[name], cpu.unet, "unet", fmt, rank=4, seed=seed)
+    return names
+
+
+def metric(url: str, name: str, labels: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(f"{name}{{") and all(part in line for part in labels.split(",")):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_unet_service_graphs_under_concurrency_equal_graphs_off(
+    models_dir: Path, start_service, service_loras
+) -> None:
+    common = {"LUNA_DEVICE": "cuda:0", "LUNA_DTYPE": "fp16", "LUNA_UNET_MAX_DELAY_MS": "200"}
+    graphs = start_service(
+        build_unet,
+        make_settings(
+            models_dir,
+            LUNA_UNET_GRAPH_BUCKETS="1,2,4",
+            LUNA_UNET_LORA_MAX_RANK="8",
+            LUNA_UNET_PRELOAD=SDXL,
+            **common,
+        ),
+    )
+    eager = start_service(build_unet, make_settings(models_dir, LUNA_UNET_GRAPHS="false", **common))
+    ga, gb, gc = (service_loras[n] for n in ("ga", "gb", "gc"))
+    stacks = [
+        [],
+        [{"name": ga, "strength": 0.8}],
+        [{"name": ga, "strength": 0.5}, {"name": gb, "strength": -1}],
+        [{"name": gc, "strength": 1.2}],
+    ]
+    ref_unet = load_unet("r", models_dir / SDXL, "fp32", torch.device("cpu")).unet
+    requests = [
+        (step_inputs(ref_unet, batch=2, seed=50 + i), {"model": SDXL, "lora": s})
+        for i, s in enumerate(stacks)
+    ]
+
+    async def all_at_once(url: str) -> list[tuple[dict, dict]]:
+        clients = [AsyncClient("unet", url=url, name=f"c{i}") for i in range(len(requests))]
+        try:
+            return await asyncio.gather(*(c.call("step", *r) for c, r in zip(clients, requests, strict=True)))
+        finally:
+            for c in clients:
+                await c.close()
+
+    merged = []
+    for _ in range(3):  # the first round captures the 8x8 shape; later rounds replay it
+        got = await all_at_once(graphs.url)
+        want = await all_at_once(eager.url)
+        for (out, params), (ref, _), (inputs, _) in zip(got, want, requests, strict=True):
+            # 8 rows at once leave 4 for the next batch: bucket 4, never an eager 8
+            assert params["batch_rows"] in (2, 4)
+            assert out["out"].dtype == inputs["x"].dtype and rel_err(out["out"], ref["out"]) < TOL
+            merged.append(params["batch_rows"])
+    assert 4 in merged  # two clients with different stacks shared a replay
+    base = got[0][0]["out"]
+    assert all(rel_err(o["out"], base) > 4 * TOL for o, _ in got[1:])  # stacks really differ
+    # A request of 6 rows: above the largest bucket, eager and counted.
+    big = step_inputs(ref_unet, batch=6, seed=60)
+    async with AsyncClient("unet", url=graphs.url) as g, AsyncClient("unet", url=eager.url) as e:
+        out, params = await g.call("step", big, {"model": SDXL})
+        ref, _ = await e.call("step", big, {"model": SDXL})
+        status = await g.get_json("/v1/status")
+    assert params["batch_rows"] == 6 and rel_err(out["out"], ref["out"]) < TOL
+    assert metric(graphs.url, "luna_graph_forwards_total", 'path="eager",reason="rows"') == 1
+    assert metric(graphs.url, "luna_graph_forwards_total", 'path="graph"') >= 6
+    assert metric(eager.url, "luna_graph_forwards_total", 'path="graph"') == 0
+    (model,) = status["graphs"]["models"]
+    shapes = {(g["shape"], g["rows"], g["lora"]) for g in model["graphs"]}
+    # Start-up capture: the native 128x128 for every bucket, with and without the bank; 8x8 when met.
+    assert {(s, r, lora) for s, r, lora in shapes if s == "128x128 ctx77"} == {
+        ("128x128 ctx77", r, lora) for r in (1, 2, 4) for lora in (False, True)
+    }
+    assert ("8x8 ctx77", 4, True) in shapes
+    assert all(g["bytes"] > 0 for g in model["graphs"]) and model["lora_bank"]["bytes"] > 0
+    print(
+        "graphs:", [(g["shape"], g["rows"], g["lora"], g["bytes"], g["capture_ms"]) for g in model["graphs"]]
+    )
+
+
+async def test_clip_service_graphs_equal_graphs_off(models_dir: Path, start_service) -> None:
+    common = {"LUNA_DEVICE": "cuda:0", "LUNA_DTYPE": "fp16", "LUNA_CLIP_MAX_DELAY_MS": "100"}
+    cpu = load_clip_model(CLIP_PAIR, ModelRoots([models_dir]))
+    for key, component in (("l", "clip_l"), ("g", "clip_g")):
+        write_lora(
+            models_dir / "loras" / f"graphs-clip-{key}.safetensors", cpu.encoders[key].model, component
+        )
+    graphs = start_service(build_clip, make_settings(models_dir, LUNA_CLIP_PRELOAD=CLIP_PAIR, **common))
+    eager = start_service(build_clip, make_settings(models_dir, LUNA_CLIP_GRAPHS="0", **common))
+    prompts = [
+        {"text": "a (red:1.2) fox in the snow"},
+        {"text": "a cat", "lora": [{"name": "graphs-clip-l.safetensors", "strength": 0.9}]},
+        {"text": "((castle)) at dusk", "lora": [{"name": "graphs-clip-g.safetensors", "strength": -0.6}]},
+    ]
+
+    async def all_at_once(url: str) -> list:
+        clients = [AsyncClient("clip", url=url, name=f"c{i}") for i in range(len(prompts))]
+        try:
+            return await asyncio.gather(
+                *(
+                    c.call("encode", None, {"model": CLIP_PAIR, **p})
+                    for c, p in zip(clients, prompts, strict=True)
+                )
+            )
+        finally:
+            for c in clients:
+                await c.close()
+
+    for (out, _), (ref, _) in zip(await all_at_once(graphs.url), await all_at_once(eager.url), strict=True):
+        assert rel_err(out["cond"], ref["cond"]) < TOL and rel_err(out["pooled"], ref["pooled"]) < TOL
+    async with AsyncClient("clip", url=graphs.url) as client:
+        status = await client.get_json("/v1/status")
+    models = status["graphs"]["models"]
+    assert len(models) == 2 and all(m["graphs"] and all(g["bytes"] > 0 for g in m["graphs"]) for m in models)
+    assert metric(graphs.url, "luna_graph_forwards_total", 'op="clip",path="graph"') >= 2
+    assert metric(graphs.url, "luna_graph_forwards_total", 'path="eager"') == 0
