@@ -11,7 +11,6 @@ reduce-overhead, and inductor + manual capture) for a 2-row UNet step and CLIP L
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,23 +33,15 @@ from luna_stack.unet.loader import LoadedUnet, load_unet
 from luna_stack.unet.step import unet_forward
 from luna_stack.unet.step_graphs import StepShape, build_runner
 
-from .common import print_table, sync, write_results
+from .common import median_ms, print_table, sync, timed_sync, write_results
 from .unet_common import defaults, lora_files, model_file, models_root, parser, step_inputs
 
 MiB = 2**20
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+def synced_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median ms of `fn` with the device synchronised after each call."""
+    return median_ms(timed_sync(lambda: (fn(), sync(device)), repeats, warmup=3))
 
 
 def timing_row(
@@ -64,10 +55,10 @@ def timing_row(
     err: float,
 ) -> dict[str, Any]:
     """Eager vs graph, without and with the LoRA stack (`fn(True)`), and each graph's memory."""
-    eager_ms = median_ms(eager, device, repeats)
-    graph_ms = median_ms(graph, device, repeats)
-    lora_eager_ms = median_ms(lambda: eager(True), device, repeats)
-    lora_graph_ms = median_ms(lambda: graph(True), device, repeats)
+    eager_ms = synced_ms(eager, device, repeats)
+    graph_ms = synced_ms(graph, device, repeats)
+    lora_eager_ms = synced_ms(lambda: eager(True), device, repeats)
+    lora_graph_ms = synced_ms(lambda: graph(True), device, repeats)
     return {
         "model": model,
         "rows": rows,
@@ -267,7 +258,7 @@ def compile_rows(
         ) -> None:
             with torch.no_grad():
                 err = rel_err(first(call()), ref)
-                ms = median_ms(call, device, args.repeats)
+                ms = synced_ms(call, device, args.repeats)
             results[variant] = (ms, setup_s, err)  # noqa: B023 - used within this iteration only
             print(name, variant, f"{ms:.2f} ms, setup {setup_s:.1f} s, rel err {err:.1e}", flush=True)
 

@@ -49,7 +49,7 @@ SIZE_KEYS = {
     "target_height": 1024,
 }
 _COMPONENT = {"l": "clip_l", "g": "clip_g"}
-_INLINE_TOKENIZE = 1000  # characters of prompt tokenized on the event loop (BPE is cached: ~0.1 ms)
+_INLINE_TOKENIZE = 1000  # prompts up to this many characters are tokenized on the event loop (no thread hop)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class ClipService(ModelService):
         self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
         self.cache: ConditioningCache | None = None
         self.graph_cfg = self.cfg.graph
-        self.graphs_on = self.graph_cfg.enabled and self.device.type == "cuda"
+        self.graphs_on = self.graph_cfg.active_on(self.device)
         self.cache_lookups = Counter(
             "luna_clip_cache_lookups_total",
             "Conditioning cache lookups by result",
@@ -282,6 +282,7 @@ class ClipService(ModelService):
 
     def status(self) -> dict[str, Any]:
         lora = self.lora_cache.stats()
+        runners = [r for m in self.resident for r in m.graphs.values()]
         return {
             "batching": {
                 "batches": self.batcher.batches,
@@ -291,12 +292,7 @@ class ClipService(ModelService):
             },
             "conditioning_cache": vars(self.cache.stats) if self.cache is not None else None,
             "lora_cache": vars(lora),
-            "graphs": {
-                "enabled": self.graphs_on,
-                "buckets": list(self.graph_cfg.buckets),
-                "capture": "lazy" if self.graph_cfg.lazy else "start",
-                "models": [r.describe() for m in self.resident for r in m.graphs.values()],
-            },
+            "graphs": self.graph_cfg.status(self.device, runners),
         }
 
 

@@ -86,6 +86,19 @@ class GraphConfig:
             lora_rank=section.lora_max_rank,
         )
 
+    def active_on(self, device: Any) -> bool:
+        """Graphs need CUDA: on a CPU the service stays eager whatever the setting."""
+        return self.enabled and device.type == "cuda"
+
+    def status(self, device: Any, runners: Iterable[Any]) -> dict[str, Any]:
+        """The `graphs` block of a service's /v1/status (runners: its models' GraphRunners)."""
+        return {
+            "enabled": self.active_on(device),
+            "buckets": list(self.buckets),
+            "capture": "lazy" if self.lazy else "start",
+            "models": [r.describe() for r in runners],
+        }
+
 
 def parse_buckets(values: Iterable[Any], key: str) -> tuple[int, ...]:
     """Sorted, distinct positive batch sizes; a ConfigError naming the key and variable otherwise."""

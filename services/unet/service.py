@@ -79,7 +79,7 @@ class UnetService(ModelService):
         self._redis: Any = None
         self._unbatched = itertools.count()
         self.graph_cfg = self.cfg.graph
-        self.graphs_on = self.graph_cfg.enabled and self.device.type == "cuda"
+        self.graphs_on = self.graph_cfg.active_on(self.device)
         self.batcher: Batcher[_Step, tuple[torch.Tensor, int]] = Batcher(
             "unet",
             self._run_batch,
@@ -226,6 +226,7 @@ class UnetService(ModelService):
     def status(self) -> dict[str, Any]:
         b = self.batcher
         caches = {dtype_name(d): vars(c.stats()) for d, c in self._lora_caches.items()}
+        runners = [m.graphs for m in self.resident if m.graphs is not None]
         return {
             "precision": self.precision,
             "batching": {
@@ -237,12 +238,7 @@ class UnetService(ModelService):
                 "largest_batch": b.largest_batch,
             },
             "lora_cache": caches,
-            "graphs": {
-                "enabled": self.graphs_on,
-                "buckets": list(self.graph_cfg.buckets),
-                "capture": "lazy" if self.graph_cfg.lazy else "start",
-                "models": [m.graphs.describe() for m in self.resident if m.graphs is not None],
-            },
+            "graphs": self.graph_cfg.status(self.device, runners),
         }
 
     async def shutdown(self) -> None:
