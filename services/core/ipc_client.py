@@ -140,22 +140,19 @@ class IpcTransport:
             return None
         channel = await self._acquire(device)
         try:
-            for attempt in (1, 2):
-                try:
-                    return await self._call(channel, op, tensors, params)
-                except UnknownIpcBuffer:
-                    if attempt == 2:
-                        raise
-                    # The service restarted or reaped our buffers: map them again, once.
-                    await self._release(channel.inputs)
-                    await self._release(channel.outputs)
-                    channel.inputs = channel.outputs = None
+            try:
+                return await self._call(channel, op, tensors, params)
+            except UnknownIpcBuffer:
+                # The service restarted or reaped our buffers: map them again, once.
+                await self._release(channel.inputs)
+                await self._release(channel.outputs)
+                channel.inputs = channel.outputs = None
+                return await self._call(channel, op, tensors, params)
         except IpcUnavailable as exc:
             self._fall_back(device, exc.message)
             return None
         finally:
             self._idle[device].put_nowait(channel)
-        return None
 
     async def _call(
         self, channel: _Channel, op: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]
