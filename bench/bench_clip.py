@@ -20,16 +20,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from luna_stack.client.http import AsyncClient
 from luna_stack.clip.bpe import shared_bpe
 from luna_stack.clip.conditioning import EncodeJob, encode_jobs
 from luna_stack.clip.encoder_graphs import graphed_forward
 from luna_stack.clip.service import build
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.config import load_settings
-from luna_stack.core.embedded import EmbeddedService
-from luna_stack.core.fixtures import write_clip
-from luna_stack.core.gpu import select_device
+from luna_stack.config import load_settings
+from luna_stack.devtools.embedded import EmbeddedService
+from luna_stack.devtools.fixtures import write_clip
+from luna_stack.gpu.device import select_device
 
 from .common import median_ms, print_table, sync, timed, write_results
 

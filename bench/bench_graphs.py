@@ -22,16 +22,16 @@ from luna_stack.clip.encoder_graphs import Layers
 from luna_stack.clip.encoder_graphs import build_runner as build_clip_runner
 from luna_stack.clip.encoders import ClipEncoder
 from luna_stack.clip.models import load_clip_model
-from luna_stack.core.fixtures import write_clip
-from luna_stack.core.gpu import select_device
-from luna_stack.core.graph_config import GraphConfig
-from luna_stack.core.graphs import GraphRunner
-from luna_stack.core.lora import LoraCache, attach_side_paths, row_groups
-from luna_stack.core.lora_fixtures import write_lora
-from luna_stack.core.paths import ModelRoots
+from luna_stack.devtools.fixtures import write_clip
+from luna_stack.devtools.lora_fixtures import write_lora
+from luna_stack.gpu.device import select_device
+from luna_stack.gpu.graph_config import GraphConfig
+from luna_stack.gpu.graphs import GraphRunner
+from luna_stack.lora import LoraCache, attach_side_paths, row_groups
 from luna_stack.unet.loader import LoadedUnet, load_unet
 from luna_stack.unet.step import unet_forward
 from luna_stack.unet.step_graphs import StepShape, build_runner
+from luna_stack.weights.paths import ModelRoots
 
 from .common import median_ms, print_table, sync, timed_sync, write_results
 from .unet_common import defaults, lora_files, model_file, models_root, parser, step_inputs

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from luna_stack.core.gpu import nvml_status
+from luna_stack.gpu.nvml import nvml_status
 
 from .common import print_table, service_process
 
@@ -84,7 +84,7 @@ def client_main(job: Job, index: int, reports: Any, start: Any, release: Any) ->
     resident) until `release`, so the parent reads the GPU with every client's memory in place."""
     try:
         if job.url is not None:
-            from luna_stack.core.client import Client
+            from luna_stack.client.http import Client
 
             with Client("unet", url=job.url, ipc="off", name=f"bench-memory-{index}") as client:
                 reports.put({"index": index, "state": "ready"})
@@ -96,7 +96,7 @@ def client_main(job: Job, index: int, reports: Any, start: Any, release: Any) ->
                 reports.put({"index": index, "state": "done", "largest_batch": max(rows), "gpu_uuid": None})
                 release.wait()
             return
-        from luna_stack.core.gpu import gpu_uuid, select_device
+        from luna_stack.gpu.device import gpu_uuid, select_device
         from luna_stack.unet.loader import load_unet
 
         from .unet_common import device_inputs, forward
@@ -197,7 +197,7 @@ def run_once(job: Job, mode: str, n: int) -> dict[str, Any]:
 
 
 def _service_uuid(url: str) -> str | None:
-    from luna_stack.core.client import Client
+    from luna_stack.client.http import Client
 
     with Client("unet", url=url) as client:
         return client.status().get("gpu_uuid")
@@ -238,8 +238,8 @@ def table(results: dict[tuple[str, int], dict[str, Any]], modes: list[str]) -> l
 
 
 def main() -> None:
-    from luna_stack.core.fixtures import unet_config
-    from luna_stack.core.gpu import select_device
+    from luna_stack.devtools.fixtures import unet_config
+    from luna_stack.gpu.device import select_device
 
     from .unet_common import config_inputs, defaults, model_file, models_root, parser, save
 

@@ -30,19 +30,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from luna_stack.client.http import AsyncClient
 from luna_stack.clip.bpe import shared_bpe
 from luna_stack.clip.conditioning import EncodeJob, encode_jobs
 from luna_stack.clip.models import load_clip_model
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.executor import GpuExecutor
-from luna_stack.core.fixtures import write_clip, write_unet, write_vae
-from luna_stack.core.gpu import select_device
-from luna_stack.core.paths import ModelRoots
-from luna_stack.core.tensors import DTYPES
+from luna_stack.devtools.fixtures import write_clip, write_unet, write_vae
+from luna_stack.gpu.device import select_device
+from luna_stack.server.executor import GpuExecutor
 from luna_stack.unet.loader import load_unet
 from luna_stack.unet.step import unet_forward
 from luna_stack.vae.model import load_vae
+from luna_stack.weights.paths import ModelRoots
+from luna_stack.wire.tensors import DTYPES
 
 from .common import median_ms, print_table, service_process, sync, write_results
 

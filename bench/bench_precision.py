@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.fixtures import unet_config
-from luna_stack.core.gpu import select_device
+from luna_stack.client.http import AsyncClient
+from luna_stack.devtools.fixtures import unet_config
+from luna_stack.gpu.device import select_device
 from luna_stack.unet.convert import TARGETS, default_output, write_copy
 from luna_stack.unet.loader import LoadedUnet
 from luna_stack.unet.precision import PRECISIONS

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from luna_stack.core.client import AsyncClient
+from luna_stack.client.http import AsyncClient
 
 from .common import median_ms, print_table, timed
 from .unet_common import defaults, lora_files, model_file, models_root, parser, save, serve, step_inputs

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from luna_stack.core.client import AsyncClient
+from luna_stack.client.http import AsyncClient
 from luna_stack.unet.step import unet_forward
 
 from .common import print_table, sync

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from luna_stack.core.embedded import free_port
-from luna_stack.core.localrun import spawn_service, wait_ready
+from luna_stack.devtools.embedded import free_port
+from luna_stack.devtools.localrun import spawn_service, wait_ready
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

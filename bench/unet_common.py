@@ -17,11 +17,11 @@ from diffusers import UNet2DConditionModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from luna_stack.core.app import create_app
-from luna_stack.core.config import load_settings
-from luna_stack.core.embedded import free_port
-from luna_stack.core.fixtures import unet_config, write_unet
-from luna_stack.core.lora_fixtures import write_lora
+from luna_stack.config import load_settings
+from luna_stack.devtools.embedded import free_port
+from luna_stack.devtools.fixtures import unet_config, write_unet
+from luna_stack.devtools.lora_fixtures import write_lora
+from luna_stack.server.app import create_app
 from luna_stack.unet.loader import LoadedUnet
 from luna_stack.unet.service import UnetService, build
 from luna_stack.unet.step import unet_forward

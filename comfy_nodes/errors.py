@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from luna_stack.core.errors import LunaError, PathNotAllowed, Unavailable, UnknownModel
+from luna_stack.wire.errors import LunaError, PathNotAllowed, Unavailable, UnknownModel
 
 
 class LunaNodeError(RuntimeError):

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from luna_stack.core.client import Client
-from luna_stack.core.errors import LunaError, NotFound
+from luna_stack.client.http import Client
+from luna_stack.wire.errors import LunaError, NotFound
 
 from .errors import LunaNodeError, user_error
 from .lora_stack import LoraStack

@@ -18,11 +18,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from luna_stack.core.config import Settings, load_settings
-from luna_stack.core.embedded import EmbeddedService, free_port
-from luna_stack.core.fixtures import write_models_dir
-from luna_stack.core.localrun import spawn_service, start_redis_server, wait_ready
-from luna_stack.core.service import ModelService
+from luna_stack.config import Settings, load_settings
+from luna_stack.devtools.embedded import EmbeddedService, free_port
+from luna_stack.devtools.fixtures import write_models_dir
+from luna_stack.devtools.localrun import spawn_service, start_redis_server, wait_ready
+from luna_stack.server.service import ModelService
 
 
 @dataclasses.dataclass

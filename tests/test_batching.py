@@ -8,9 +8,9 @@ from collections.abc import Hashable, Sequence
 
 import pytest
 
-from luna_stack.core.batching import Batcher
-from luna_stack.core.errors import InvalidTensor
-from luna_stack.core.executor import GpuExecutor
+from luna_stack.server.batcher import Batcher
+from luna_stack.server.executor import GpuExecutor
+from luna_stack.wire.errors import InvalidTensor
 
 
 class Recorder:

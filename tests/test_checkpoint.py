@@ -24,8 +24,9 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from luna_stack.core import checkpoint, fixtures, ldm_layout
-from luna_stack.core.errors import ModelLoadError
+from luna_stack.devtools import fixtures
+from luna_stack.weights import checkpoint, ldm_layout
+from luna_stack.wire.errors import ModelLoadError
 
 
 def _seeded(factory, seed: int = 0):

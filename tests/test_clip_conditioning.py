@@ -18,9 +18,9 @@ from luna_stack.clip.bpe import BOS, EOS, shared_bpe
 from luna_stack.clip.conditioning import EncodeJob, encode_jobs
 from luna_stack.clip.models import load_clip_model
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, EncoderSpec, empty_ids, tokenize
-from luna_stack.core.errors import BadRequest
-from luna_stack.core.fixtures import clip_config, write_checkpoint, write_clip
-from luna_stack.core.paths import ModelRoots
+from luna_stack.devtools.fixtures import clip_config, write_checkpoint, write_clip
+from luna_stack.weights.paths import ModelRoots
+from luna_stack.wire.errors import BadRequest
 
 SHORT = "a photo of a cat, highly detailed"
 WEIGHTED = "a (photo:1.3) of a ((cat)), [dog] (blurry:0.5)"

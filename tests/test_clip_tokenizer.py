@@ -15,7 +15,7 @@ from luna_stack.clip.bpe import BOS, EOS, bytes_to_unicode, read_merges, shared_
 from luna_stack.clip.embeddings import EmbeddingStore
 from luna_stack.clip.prompt import parse_weights
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, chunk_groups, tokenize
-from luna_stack.core.errors import BadRequest
+from luna_stack.wire.errors import BadRequest
 
 PROMPTS = [
     "",

@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 
-from luna_stack.core import codec
-from luna_stack.core.errors import InvalidBody
+from luna_stack.wire import codec
+from luna_stack.wire.errors import InvalidBody
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int64])

@@ -29,9 +29,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from luna_stack.core.embedded import EmbeddedService
-from luna_stack.core.fixtures import clip_config, unet_config, write_checkpoint
-from luna_stack.core.lora_fixtures import write_lora
+from luna_stack.devtools.embedded import EmbeddedService
+from luna_stack.devtools.fixtures import clip_config, unet_config, write_checkpoint
+from luna_stack.devtools.lora_fixtures import write_lora
 
 from .conftest import make_settings
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from luna_stack.core.config import load_settings, settings_table
-from luna_stack.core.errors import ConfigError
+from luna_stack.config import load_settings, settings_table
 from luna_stack.vae.settings import VaeSettings
+from luna_stack.wire.errors import ConfigError
 from tools.update_readme import render
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,10 +30,11 @@ import pytest
 import torch
 import yaml
 
-from luna_stack.core import codec
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.queue import JobQueue, connect
-from luna_stack.core.registry import Registry
+from luna_stack.client.http import AsyncClient
+from luna_stack.jobs.queue import JobQueue
+from luna_stack.jobs.redis import connect
+from luna_stack.jobs.registry import Registry
+from luna_stack.wire import codec
 
 from .conftest import free_port
 

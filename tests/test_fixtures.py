@@ -20,7 +20,8 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from luna_stack.core import checkpoint, fixtures, ldm_layout
+from luna_stack.devtools import fixtures
+from luna_stack.weights import checkpoint, ldm_layout
 
 # Parameter counts of the released models; the full-size configs must reproduce them exactly.
 REAL_PARAMS = {

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from luna_stack.core.client import AsyncClient, Client
-from luna_stack.core.gpu import nvml_status
+from luna_stack.client.http import AsyncClient, Client
+from luna_stack.gpu.nvml import nvml_status
 from luna_stack.vae.model import load_vae
 from luna_stack.vae.service import build as build_vae
 

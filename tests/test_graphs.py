@@ -25,20 +25,20 @@ from luna_stack.clip.encoder_graphs import default_layers, graphed_forward
 from luna_stack.clip.models import ClipModel, load_clip_model
 from luna_stack.clip.service import LoraStack
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L
-from luna_stack.core.batching import Batcher
-from luna_stack.core.config import load_settings
-from luna_stack.core.errors import ConfigError
-from luna_stack.core.executor import GpuExecutor
-from luna_stack.core.graph_config import GraphConfig, parse_buckets, round_up
-from luna_stack.core.graphs import GraphRunner
-from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
-from luna_stack.core.lora_bank import LoraBank
-from luna_stack.core.lora_fixtures import write_lora
-from luna_stack.core.metrics import Metrics
-from luna_stack.core.paths import ModelRoots
+from luna_stack.config import load_settings
+from luna_stack.devtools.lora_fixtures import write_lora
+from luna_stack.gpu.graph_config import GraphConfig, parse_buckets, round_up
+from luna_stack.gpu.graphs import GraphRunner
+from luna_stack.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
+from luna_stack.lora.bank import LoraBank
+from luna_stack.server.batcher import Batcher
+from luna_stack.server.executor import GpuExecutor
+from luna_stack.server.metrics import Metrics
 from luna_stack.unet.loader import LoadedUnet, load_unet
 from luna_stack.unet.step import unet_forward
 from luna_stack.unet.step_graphs import build_runner, step_shape
+from luna_stack.weights.paths import ModelRoots
+from luna_stack.wire.errors import ConfigError
 
 from .test_clip_conditioning import WEIGHTED
 from .test_clip_service import _chunks

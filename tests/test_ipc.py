@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 
-from luna_stack.core import codec
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.errors import BadRequest, IpcUnavailable
-from luna_stack.core.ipc import ALIGN, IpcSink, _view, process_started
+from luna_stack.client.http import AsyncClient
+from luna_stack.server.ipc import IpcSink, _view
 from luna_stack.vae.service import build as build_vae
+from luna_stack.wire import codec
+from luna_stack.wire.errors import BadRequest, IpcUnavailable
+from luna_stack.wire.ipc import ALIGN, process_started
 
 from .conftest import make_settings
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.errors import BadRequest, UnknownIpcBuffer
-from luna_stack.core.gpu import nvml_status
+from luna_stack.client.http import AsyncClient
+from luna_stack.gpu.nvml import nvml_status
 from luna_stack.vae.service import build as build_vae
+from luna_stack.wire.errors import BadRequest, UnknownIpcBuffer
 
 from .conftest import make_settings
 from .test_unet_support import ldm_unet, reference_unet, step_inputs
@@ -137,7 +137,7 @@ async def test_memory_stays_flat_over_ten_thousand_requests(models_dir, serve_pr
 
 _DYING_CLIENT = """
 import sys, torch
-from luna_stack.core.client import Client
+from luna_stack.client.http import Client
 latent = torch.randn(4, 4, 128, 128, device="cuda")
 with Client("vae", url=sys.argv[1], name="doomed") as client:
     client.call("decode", {"latent": latent}, {"model": sys.argv[2]})

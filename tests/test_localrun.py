@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from luna_stack.core.client import Client
-from luna_stack.core.localrun import port_free
+from luna_stack.client.http import Client
+from luna_stack.devtools.localrun import port_free
 
 from .conftest import free_port
 
@@ -35,7 +35,7 @@ def test_local_run_mode_demo(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "luna_stack.core.cli",
+            "luna_stack.cli",
             "run",
             "--demo",
             "--services",

@@ -12,9 +12,9 @@ import pytest
 import redis.asyncio
 import torch
 
-from luna_stack.core.errors import ModelLoadError, NotFound
-from luna_stack.core.lora import LoraCache
-from luna_stack.core.lora_fixtures import tiny_clip, write_lora
+from luna_stack.devtools.lora_fixtures import tiny_clip, write_lora
+from luna_stack.lora import LoraCache
+from luna_stack.wire.errors import ModelLoadError, NotFound
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from luna_stack.core.errors import BadRequest, ModelLoadError
-from luna_stack.core.lora import load_lora_bytes, parse_lora, resolve
-from luna_stack.core.lora_fixtures import tiny_clip, tiny_unet, write_lora
+from luna_stack.devtools.lora_fixtures import tiny_clip, tiny_unet, write_lora
+from luna_stack.lora import load_lora_bytes, parse_lora, resolve
+from luna_stack.wire.errors import BadRequest, ModelLoadError
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from luna_stack.core.lora import LoraCache, attach_side_paths, row_groups
-from luna_stack.core.lora_fixtures import tiny_unet, write_lora
+from luna_stack.devtools.lora_fixtures import tiny_unet, write_lora
+from luna_stack.lora import LoraCache, attach_side_paths, row_groups
 
 pytestmark = [
     pytest.mark.gpu,

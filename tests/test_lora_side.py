@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from luna_stack.core.errors import BadRequest
-from luna_stack.core.lora import (
+from luna_stack.devtools.lora_fixtures import tiny_clip, tiny_unet, write_lora
+from luna_stack.lora import (
     LoraFactors,
     LoraSlots,
     ResolvedLora,
@@ -26,7 +26,7 @@ from luna_stack.core.lora import (
     resolve,
     row_groups,
 )
-from luna_stack.core.lora_fixtures import tiny_clip, tiny_unet, write_lora
+from luna_stack.wire.errors import BadRequest
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 Truth = dict[str, LoraFactors]

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.errors import UnknownJob
-from luna_stack.core.queue import JobQueue, connect
-from luna_stack.core.registry import Registry
+from luna_stack.client.http import AsyncClient
+from luna_stack.jobs.queue import JobQueue
+from luna_stack.jobs.redis import connect
+from luna_stack.jobs.registry import Registry
 from luna_stack.vae.service import build
+from luna_stack.wire.errors import UnknownJob
 
 from .conftest import free_port, make_settings
 
@@ -66,7 +67,7 @@ def _serve_process(
         "LUNA_VAE_PRELOAD": VAE,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "luna_stack.core.cli", "serve", "vae"],
+        [sys.executable, "-m", "luna_stack.cli", "serve", "vae"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 import torch
 
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.gpu import gpu_uuid
+from luna_stack.client.http import AsyncClient
+from luna_stack.gpu.device import gpu_uuid
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from luna_stack.core.errors import BadRequest, ModelLoadError
-from luna_stack.core.fixtures import unet_config
+from luna_stack.devtools.fixtures import unet_config
 from luna_stack.unet.loader import LoadedUnet, load_unet
 from luna_stack.unet.step import BlockResiduals, control_from_wire, input_block_shapes, unet_forward
+from luna_stack.wire.errors import BadRequest, ModelLoadError
 
 from .test_unet_support import ldm_unet, reference_step, reference_unet, step_inputs
 

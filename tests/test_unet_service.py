@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from luna_stack.core.client import AsyncClient
-from luna_stack.core.errors import LunaError
-from luna_stack.core.lora_fixtures import write_lora
+from luna_stack.client.http import AsyncClient
+from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.unet.service import build
 from luna_stack.unet.step import input_block_shapes
+from luna_stack.wire.errors import LunaError
 
 from .conftest import make_settings
 from .test_unet_support import ldm_unet, reference_step, reference_unet, step_inputs

@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import load_file
 
-from luna_stack.core.fixtures import unet_config
+from luna_stack.devtools.fixtures import unet_config
 
 LDM_PREFIX = "model.diffusion_model."
 Q = gguf.GGMLQuantizationType

@@ -12,10 +12,13 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from luna_stack.core import codec
-from luna_stack.core.checkpoint import load_state_dict
-from luna_stack.core.client import AsyncClient, Client
-from luna_stack.core.errors import (
+from luna_stack.client.http import AsyncClient, Client
+from luna_stack.devtools.fixtures import vae_config
+from luna_stack.vae.service import build
+from luna_stack.vae.tiling import three_pass
+from luna_stack.weights.checkpoint import load_state_dict
+from luna_stack.wire import codec
+from luna_stack.wire.errors import (
     BadRequest,
     InvalidBody,
     InvalidTensor,
@@ -24,9 +27,6 @@ from luna_stack.core.errors import (
     Unauthorized,
     UnknownModel,
 )
-from luna_stack.core.fixtures import vae_config
-from luna_stack.vae.service import build
-from luna_stack.vae.tiling import three_pass
 
 from .conftest import make_settings
 
@@ -47,7 +47,7 @@ def reference_vae(path: Path, prefix: str) -> AutoencoderKL:
 
 @pytest.fixture(scope="module")
 def vae_service(models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from luna_stack.core.embedded import EmbeddedService
+    from luna_stack.devtools.embedded import EmbeddedService
 
     svc = EmbeddedService(build(make_settings(models_dir, LUNA_VAE_MAX_DELAY_MS="1"))).start()
     svc.wait_ready()

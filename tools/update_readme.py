@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from luna_stack.core.config import settings_table
+from luna_stack.config import settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PATTERN = re.compile(r"(<!-- config-table:start[^>]*-->\n).*?(<!-- config-table:end -->)", re.S)

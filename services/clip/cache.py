@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import torch
 
-from luna_stack.core.codec import decode, encode
+from luna_stack.wire.codec import decode, encode
 
 from .tokenize import Chunk
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from luna_stack.core.errors import BadRequest
+from luna_stack.wire.errors import BadRequest
 
 from .encoders import ClipEncoder, ForwardOutput, to_device
 from .tokenize import Chunk, empty_ids

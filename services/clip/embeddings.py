@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from luna_stack.core.errors import BadRequest
+from luna_stack.wire.errors import BadRequest
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.masking_utils import create_causal_mask
 
-from luna_stack.core.checkpoint import clip_config_from_state_dict
-from luna_stack.core.errors import ModelLoadError
-from luna_stack.core.ldm_layout import clip_hf_for_model
+from luna_stack.weights.checkpoint import clip_config_from_state_dict
+from luna_stack.weights.ldm_layout import clip_hf_for_model
+from luna_stack.wire.errors import ModelLoadError
 
 from .bpe import EOS
 from .tokenize import CLIP_G, CLIP_L, Chunk

@@ -17,11 +17,11 @@ from typing import Any, Literal
 
 import torch
 
-from luna_stack.core.checkpoint import detect, load_shapes, load_state_dict
-from luna_stack.core.errors import BadRequest, ModelLoadError
-from luna_stack.core.ldm_layout import clip_hf_canonical, clip_openclip_to_hf
-from luna_stack.core.lora_side import LoraSlots, attach_side_paths
-from luna_stack.core.paths import ModelRoots
+from luna_stack.lora.side import LoraSlots, attach_side_paths
+from luna_stack.weights.checkpoint import detect, load_shapes, load_state_dict
+from luna_stack.weights.ldm_layout import clip_hf_canonical, clip_openclip_to_hf
+from luna_stack.weights.paths import ModelRoots
+from luna_stack.wire.errors import BadRequest, ModelLoadError
 
 from .encoders import ClipEncoder
 from .tokenize import CLIP_G, CLIP_L, EncoderSpec

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from luna_stack.core.errors import BadRequest
+from luna_stack.wire.errors import BadRequest
 
 EMBEDDING_PREFIX = "embedding:"
 MAX_NESTING = 128

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from luna_stack.core.config import section, setting
-from luna_stack.core.graph_config import (
+from luna_stack.config import section, setting
+from luna_stack.gpu.graph_config import (
     GraphConfig,
     buckets_setting,
     capture_setting,

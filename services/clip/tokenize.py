@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from luna_stack.core.errors import BadRequest
+from luna_stack.wire.errors import BadRequest
 
 from .bpe import BOS, EOS, VOCAB_SIZE, ClipBPE
 from .embeddings import EmbeddingStore

@@ -26,8 +26,8 @@ import gguf
 import torch
 from safetensors.torch import save_file
 
-from luna_stack.core.checkpoint import detect, load_shapes, unet_config_from_state_dict
-from luna_stack.core.gpu import select_device
+from luna_stack.gpu.device import select_device
+from luna_stack.weights.checkpoint import detect, load_shapes, unet_config_from_state_dict
 
 from .loader import load_unet, read_safetensors_unet
 from .precision import FP8_STORAGE

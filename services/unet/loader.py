@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from luna_stack.core.checkpoint import detect, load_shapes, load_state_dict, unet_config_from_state_dict
-from luna_stack.core.errors import ModelLoadError
-from luna_stack.core.ldm_layout import unet_ldm_to_diffusers
+from luna_stack.weights.checkpoint import detect, load_shapes, load_state_dict, unet_config_from_state_dict
+from luna_stack.weights.ldm_layout import unet_ldm_to_diffusers
+from luna_stack.wire.errors import ModelLoadError
 
 from .precision import (
     GGUF_PLAIN_TYPES,

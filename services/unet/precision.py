@@ -19,7 +19,7 @@ from diffusers.quantizers.gguf.utils import dequantize_functions
 from torch import nn
 from torch.nn.utils import parametrize
 
-from luna_stack.core.errors import BadRequest
+from luna_stack.wire.errors import BadRequest
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 _COMPUTE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}

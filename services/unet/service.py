@@ -25,17 +25,17 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from luna_stack.core.batching import Batcher
-from luna_stack.core.config import Settings
-from luna_stack.core.errors import BadRequest, NotFound
-from luna_stack.core.graph_config import parse_latents
-from luna_stack.core.ipc import Sink
-from luna_stack.core.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
-from luna_stack.core.lora_request import parse_stack
-from luna_stack.core.queue import connect
-from luna_stack.core.resident import ResidentModels
-from luna_stack.core.service import ModelService, Params, Tensors
-from luna_stack.core.tensors import dtype_name, require_tensor
+from luna_stack.config import Settings
+from luna_stack.gpu.graph_config import parse_latents
+from luna_stack.jobs.redis import connect
+from luna_stack.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
+from luna_stack.lora.request import parse_stack
+from luna_stack.server.batcher import Batcher
+from luna_stack.server.ipc import Sink
+from luna_stack.server.resident import ResidentModels
+from luna_stack.server.service import ModelService, Params, Tensors
+from luna_stack.wire.errors import BadRequest, NotFound
+from luna_stack.wire.tensors import dtype_name, require_tensor
 
 from .loader import LoadedUnet, load_unet
 from .settings import UnetSettings

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from luna_stack.core.graph_config import GraphConfig
-from luna_stack.core.graphs import GraphRunner
-from luna_stack.core.lora_bank import LoraBank
-from luna_stack.core.lora_side import attach_side_paths
+from luna_stack.gpu.graph_config import GraphConfig
+from luna_stack.gpu.graphs import GraphRunner
+from luna_stack.lora.bank import LoraBank
+from luna_stack.lora.side import attach_side_paths
 
 from .loader import LoadedUnet
 from .step import BlockResiduals, unet_forward

@@ -2,6 +2,6 @@
 
 import sys
 
-from luna_stack.core.cli import main
+from luna_stack.cli import main
 
 sys.exit(main(["serve", "vae", *sys.argv[1:]]))

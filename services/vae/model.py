@@ -13,9 +13,9 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from luna_stack.core import checkpoint, ldm_layout
-from luna_stack.core.errors import ModelLoadError
-from luna_stack.core.tensors import dtype_name
+from luna_stack.weights import checkpoint, ldm_layout
+from luna_stack.wire.errors import ModelLoadError
+from luna_stack.wire.tensors import dtype_name
 
 from . import tiling
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from luna_stack.core.batching import Batcher
-from luna_stack.core.config import Settings
-from luna_stack.core.errors import BadRequest, InvalidTensor, NotFound
-from luna_stack.core.ipc import Sink
-from luna_stack.core.resident import ResidentModels
-from luna_stack.core.service import ModelService, Params, Tensors
-from luna_stack.core.tensors import require_tensor
+from luna_stack.config import Settings
+from luna_stack.server.batcher import Batcher
+from luna_stack.server.ipc import Sink
+from luna_stack.server.resident import ResidentModels
+from luna_stack.server.service import ModelService, Params, Tensors
+from luna_stack.wire.errors import BadRequest, InvalidTensor, NotFound
+from luna_stack.wire.tensors import require_tensor
 
 from .model import SCALE, VaeModel, load_vae
 from .settings import VaeSettings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from luna_stack.core.config import section, setting
+from luna_stack.config import section, setting
 
 
 @section("vae")

@@ -1,0 +1,403 @@
+"""Random-weight checkpoints in the real key layouts, full size or small, written as safetensors.
+
+The architectures are diffusers' / transformers' own, built from the configs below; the weights get
+torch's default initialisation from a seed, so a file is deterministic. Files are written in the
+layouts ComfyUI users have (LDM single-file checkpoints, standalone vae/, clip/, unet/ files), so
+detection and loading are exercised exactly as with real files.
+
+Memory: models are built on the meta device and materialised one block at a time (fp32, then cast),
+each block written to the file and freed; a full SDXL checkpoint never needs more than its largest
+block in fp32 plus one cast copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from luna_stack.weights import ldm_layout
+
+Tensor = torch.Tensor
+Family = Literal["sd15", "sdxl"]
+Size = Literal["small", "full"]
+ClipWhich = Literal["l", "g"]
+
+# ------------------------------------------------------------------------------------------ configs
+
+_VAE = {
+    "full": {"block_out_channels": [128, 256, 512, 512]},
+    # four levels keep the 8x downscale of the real VAE
+    "small": {"block_out_channels": [32, 32, 64, 64]},
+}
+_VAE_COMMON = {"layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "in_channels": 3}
+
+_CLIP = {
+    ("l", "full"): {"hidden_size": 768, "num_hidden_layers": 12, "intermediate_size": 3072},
+    ("g", "full"): {"hidden_size": 1280, "num_hidden_layers": 32, "intermediate_size": 5120},
+    ("l", "small"): {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 128},
+    ("g", "small"): {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256},
+}
+_CLIP_ACT = {"l": "quick_gelu", "g": "gelu"}
+# SDXL's `y`: pooled CLIP-G output ++ six 256-wide Fourier embeddings of sizes and crop.
+_SDXL_SIZE_EMBED = 6 * 256
+
+
+def clip_config(which: ClipWhich, size: Size) -> dict[str, Any]:
+    """transformers CLIPTextConfig kwargs of CLIP-L / CLIP-G (heads are 64 wide, at least one)."""
+    base = _CLIP[(which, size)]
+    return {
+        **base,
+        "num_attention_heads": max(1, base["hidden_size"] // 64),
+        "projection_dim": base["hidden_size"],
+        "hidden_act": _CLIP_ACT[which],
+        "max_position_embeddings": 77,
+        "vocab_size": 49408,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+    }
+
+
+def vae_config(size: Size) -> dict[str, Any]:
+    """diffusers AutoencoderKL kwargs; SD1.5 and SDXL VAEs share the architecture."""
+    channels = _VAE[size]["block_out_channels"]
+    return {
+        **_VAE_COMMON,
+        "out_channels": 3,
+        "block_out_channels": channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(channels),
+    }
+
+
+def unet_config(family: Family, size: Size) -> dict[str, Any]:
+    """diffusers UNet2DConditionModel kwargs of the SD1.5 / SDXL UNet (small: same structure, narrow)."""
+    common = {"in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32}
+    if family == "sd15":
+        channels = [320, 640, 1280, 1280] if size == "full" else [32, 64]
+        attention = [True] * (len(channels) - 1) + [False]
+        return {
+            **common,
+            "block_out_channels": channels,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+            "transformer_layers_per_block": [1] * len(channels),
+            "cross_attention_dim": clip_config("l", size)["hidden_size"],
+            "attention_head_dim": 8,
+            "use_linear_projection": False,
+        }
+    channels = [320, 640, 1280] if size == "full" else [64, 128]
+    depth = [1, 2, 10] if size == "full" else [1, 2]
+    context = clip_config("l", size)["hidden_size"] + clip_config("g", size)["hidden_size"]
+    return {
+        **common,
+        "block_out_channels": channels,
+        "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (len(channels) - 1),
+        "up_block_types": ["CrossAttnUpBlock2D"] * (len(channels) - 1) + ["UpBlock2D"],
+        "transformer_layers_per_block": depth,
+        "cross_attention_dim": context,
+        "attention_head_dim": [c // 64 for c in channels],
+        "use_linear_projection": True,
+        "class_embed_type": "projection",
+        "projection_class_embeddings_input_dim": clip_config("g", size)["projection_dim"] + _SDXL_SIZE_EMBED,
+    }
+
+
+# ------------------------------------------------------------------------------ streaming writer
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# Materialise subtrees up to this many parameters at once (a CLIP-G layer, an SDXL transformer block).
+_CHUNK_PARAMS = 64_000_000
+
+Rename = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One model in a file: built on meta, renamed to the file layout, keys prefixed."""
+
+    build: Callable[[], nn.Module]
+    rename: Rename
+    prefix: str
+    seed: int
+
+
+def _chunks(module: nn.Module, path: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Subtrees small enough to materialise at once, in module order.
+
+    A module whose children are all leaves (an attention: q, k, v, out) is never split, because the
+    OpenCLIP layout concatenates its q, k, v weights.
+    """
+    small = sum(p.numel() for p in module.parameters()) <= _CHUNK_PARAMS
+    if small or not any(list(child.children()) for child in module.children()):
+        yield path, module
+        return
+    if list(module.parameters(recurse=False)):
+        raise ValueError(f"{path or 'model'}: direct parameters on a module too large to materialise whole")
+    for name, child in module.named_children():
+        yield from _chunks(child, f"{path}{name}.")
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+# Blocks of a few MB land on glibc's heap once its mmap threshold has grown, and freed heap pages are not
+# given back by themselves: without trimming, a full SDXL write peaks at ~6 GB RSS instead of ~0.5 GB.
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _materialise(module: nn.Module, path: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Default-initialise a meta subtree in fp32 on the CPU, return its weights cast, free it again."""
+    module.to_empty(device="cpu")
+    for sub in module.modules():
+        if list(sub.parameters(recurse=False)):
+            sub.reset_parameters()
+    weights = {f"{path}{k}": v.detach().to(dtype) for k, v in module.state_dict().items()}
+    module.to_empty(device="meta")
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    return weights
+
+
+def _meta_weights(module: nn.Module, path: str, dtype: torch.dtype) -> dict[str, Tensor]:
+    return {f"{path}{k}": v.to(dtype) for k, v in module.state_dict().items()}
+
+
+def _build(parts: Sequence[_Part]) -> list[tuple[_Part, nn.Module]]:
+    models = [(part, part.build()) for part in parts]
+    for _, model in models:
+        if set(model.state_dict()) != {k for k, _ in model.named_parameters()}:
+            raise ValueError(
+                f"{type(model).__name__} has persistent buffers; fixtures only initialise parameters"
+            )
+    return models
+
+
+def _file_layout(models: Sequence[tuple[_Part, nn.Module]], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Every key of the file, in write order, as a meta tensor of its final shape and dtype."""
+    layout: dict[str, Tensor] = {}
+    for part, model in models:
+        for chunk_path, chunk in _chunks(model):
+            for key, tensor in part.rename(_meta_weights(chunk, chunk_path, dtype)).items():
+                layout[part.prefix + key] = tensor
+    return layout
+
+
+def _write(path: Path, parts: Sequence[_Part], dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file block by block: header from meta shapes first, then the data."""
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"unsupported fixture dtype {dtype}")
+    models = _build(parts)
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, tensor in _file_layout(models, dtype).items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for part, model in models:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(part.seed)
+                for chunk_path, chunk in _chunks(model):
+                    for key, tensor in part.rename(_materialise(chunk, chunk_path, dtype)).items():
+                        if list(tensor.shape) != header[part.prefix + key]["shape"]:
+                            raise RuntimeError(f"{key}: shape changed between header and data")
+                        f.write(tensor.contiguous().view(torch.uint8).numpy())  # no bytes copy
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- parts
+
+# Each component gets its own seed stream, so e.g. write_vae(seed=s) holds the same weights as the
+# VAE inside write_checkpoint(seed=s).
+_SEED_OFFSET = {"unet": 0, "vae": 1, "clip_l": 2, "clip_g": 3}
+
+
+def _seed(seed: int, kind: str) -> int:
+    return seed * len(_SEED_OFFSET) + _SEED_OFFSET[kind]
+
+
+def _on_meta(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        with torch.device("meta"):
+            return factory()
+
+    return build
+
+
+def _vae_part(size: Size, seed: int, prefix: str) -> _Part:
+    from diffusers import AutoencoderKL
+
+    config = vae_config(size)
+    blocks = len(config["block_out_channels"])
+    return _Part(
+        build=_on_meta(lambda: AutoencoderKL(**config)),
+        rename=lambda sd: ldm_layout.vae_diffusers_to_ldm(sd, blocks),
+        prefix=prefix,
+        seed=_seed(seed, "vae"),
+    )
+
+
+def _unet_part(family: Family, size: Size, seed: int, prefix: str) -> _Part:
+    from diffusers import UNet2DConditionModel
+
+    config = unet_config(family, size)
+    return _Part(
+        build=_on_meta(lambda: UNet2DConditionModel(**config)),
+        rename=lambda sd: ldm_layout.unet_diffusers_to_ldm(sd, config),
+        prefix=prefix,
+        seed=_seed(seed, "unet"),
+    )
+
+
+def _clip_part(
+    which: ClipWhich, size: Size, seed: int, prefix: str, layout: Literal["hf", "openclip"]
+) -> _Part:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**clip_config(which, size))
+    # CLIP-L checkpoints hold no text projection; CLIP-G's pooled output is projected.
+    cls = CLIPTextModelWithProjection if which == "g" else CLIPTextModel
+    rename = ldm_layout.clip_hf_to_openclip if layout == "openclip" else ldm_layout.clip_hf_canonical
+    return _Part(
+        build=_on_meta(lambda: cls(config)), rename=rename, prefix=prefix, seed=_seed(seed, f"clip_{which}")
+    )
+
+
+def _metadata(kind: str, family: str, size: Size, seed: int) -> dict[str, str]:
+    return {"luna_fixture": kind, "family": family, "size": size, "seed": str(seed)}
+
+
+def _checkpoint_parts(family: Family, size: Size, seed: int) -> list[_Part]:
+    parts = [
+        _unet_part(family, size, seed, "model.diffusion_model."),
+        _vae_part(size, seed, "first_stage_model."),
+    ]
+    if family == "sd15":
+        parts.append(_clip_part("l", size, seed, "cond_stage_model.transformer.", "hf"))
+    else:
+        parts.append(_clip_part("l", size, seed, "conditioner.embedders.0.transformer.", "hf"))
+        parts.append(_clip_part("g", size, seed, "conditioner.embedders.1.model.", "openclip"))
+    return parts
+
+
+def write_checkpoint(
+    path: str | Path,
+    family: Family = "sd15",
+    size: Size = "small",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """A single-file LDM checkpoint: UNet, VAE and the family's text encoder(s) under their prefixes."""
+    parts = _checkpoint_parts(family, size, seed)
+    return _write(Path(path), parts, dtype, _metadata("checkpoint", family, size, seed))
+
+
+def checkpoint_shapes(
+    family: Family = "sd15", size: Size = "full", dtype: torch.dtype = torch.float16
+) -> dict[str, Tensor]:
+    """The keys `write_checkpoint` would write, as meta tensors: a full-size layout without the bytes."""
+    return _file_layout(_build(_checkpoint_parts(family, size, 0)), dtype)
+
+
+def write_vae(
+    path: str | Path,
+    family: Family = "sd15",
+    size: Size = "small",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """A standalone VAE file (vae/*.safetensors) in LDM naming, no prefix."""
+    return _write(Path(path), [_vae_part(size, seed, "")], dtype, _metadata("vae", family, size, seed))
+
+
+def write_unet(
+    path: str | Path,
+    family: Family = "sd15",
+    size: Size = "small",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """A standalone diffusion-model file (unet/*.safetensors) in LDM naming, no prefix."""
+    return _write(
+        Path(path), [_unet_part(family, size, seed, "")], dtype, _metadata("unet", family, size, seed)
+    )
+
+
+def write_clip(
+    path: str | Path,
+    which: ClipWhich = "l",
+    size: Size = "small",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    layout: Literal["hf", "openclip"] = "hf",
+) -> Path:
+    """A standalone text encoder (clip/clip_l.safetensors, clip/clip_g.safetensors), HF or OpenCLIP names."""
+    part = _clip_part(which, size, seed, "", layout)
+    return _write(Path(path), [part], dtype, _metadata(f"clip_{which}", "any", size, seed))
+
+
+def write_models_dir(
+    root: str | Path,
+    size: Size = "small",
+    families: Sequence[Family] = ("sd15", "sdxl"),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, Path]:
+    """A ComfyUI-layout models directory; returns the written files by a short name.
+
+    checkpoints/<family>-<size>.safetensors, vae/<family>-<size>-vae.safetensors,
+    unet/<family>-<size>-unet.safetensors, clip/clip_l.safetensors (+ clip_g for SDXL); loras/ and
+    embeddings/ are created empty. Standalone files hold the same weights as the checkpoint's parts.
+    """
+    root = Path(root)
+    for folder in ("checkpoints", "vae", "clip", "unet", "loras", "embeddings"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for family in families:
+        stem = f"{family}-{size}"
+        written[f"{family}_checkpoint"] = write_checkpoint(
+            root / "checkpoints" / f"{stem}.safetensors", family, size, seed, dtype
+        )
+        written[f"{family}_vae"] = write_vae(
+            root / "vae" / f"{stem}-vae.safetensors", family, size, seed, dtype
+        )
+        written[f"{family}_unet"] = write_unet(
+            root / "unet" / f"{stem}-unet.safetensors", family, size, seed, dtype
+        )
+    written["clip_l"] = write_clip(root / "clip" / "clip_l.safetensors", "l", size, seed, dtype)
+    if "sdxl" in families:
+        written["clip_g"] = write_clip(root / "clip" / "clip_g.safetensors", "g", size, seed, dtype)
+    return written
+
+
+def main_fixtures(
+    out_dir: str | Path, size: Size = "small", families: Sequence[Family] = ("sd15", "sdxl")
+) -> int:
+    """`luna-stack fixtures`: write a models directory and list it; returns the exit status."""
+    for name, path in write_models_dir(out_dir, size, families).items():
+        print(f"{name:18s} {path}  ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0

@@ -1,0 +1,39 @@
+"""Device and dtype selection and GPU identity (UUIDs, which stay the same across containers)."""
+
+from __future__ import annotations
+
+import torch
+
+from luna_stack.wire.errors import ConfigError
+from luna_stack.wire.tensors import DTYPES
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} asked for but CUDA is not available; use device: cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device("cuda", index)
+    return device
+
+
+def select_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec != "auto":
+        return DTYPES[spec]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def gpu_uuid(device: torch.device) -> str | None:
+    """The physical GPU's UUID (same string NVML reports), or None on CPU. Indices differ between
+    containers; UUIDs do not, so same-GPU checks for CUDA IPC compare these."""
+    if device.type != "cuda":
+        return None
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"

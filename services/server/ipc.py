@@ -1,0 +1,246 @@
+"""CUDA IPC, service side: clients' exchange buffers opened once and cached; request tensors are views
+into them and outputs are written into them, so no tensor byte crosses the socket.
+
+The exchange (client side: client/ipc.py; shared constants: wire/ipc.py):
+
+- `POST /v1/ipc/buffers` JSON `{"client", "gpu_uuid", "handle": hex, "nbytes", "pid", "pid_ns",
+  "started"}` opens a buffer the client allocated and exported once -> `{"buffer": id}`. A 409
+  `ipc_unavailable` says why IPC cannot work (CPU service, another GPU, no shared IPC namespace); the
+  client then stays on HTTP and logs that reason.
+- A request's params carry `"_ipc": {"inputs": {name: [buffer, offset, dtype, shape]}, "out": buffer}`;
+  the client wrote the inputs and synchronised before sending.
+- The reply's params carry `"_ipc": {"outputs": {name: [offset, dtype, shape]}, "needed": bytes}`; the
+  service synchronised after writing them. Outputs that did not fit travel in the body as usual and
+  `needed` tells the client how large its output buffer must grow.
+- `DELETE /v1/ipc/buffers/{id}` closes one. Buffers idle for `ipc_idle_s`, or whose owner process is
+  gone (checked when client and service share a PID namespace), are closed by `reap()`; a request for
+  a closed buffer gets `unknown_ipc_buffer` and the client registers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from luna_stack.gpu.cuda_ipc import HANDLE_BYTES, OpenedBuffer
+from luna_stack.server.executor import GpuExecutor
+from luna_stack.wire.errors import BadRequest, IpcUnavailable, UnknownIpcBuffer
+from luna_stack.wire.ipc import ALIGN, IPC_DTYPES, aligned, pid_namespace, process_started
+from luna_stack.wire.tensors import dtype_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Mapped:
+    opened: OpenedBuffer
+    client: str
+    pid: int | None  # set only when the owner shares our PID namespace
+    started: str | None
+    last_used: float
+    in_use: int = 0
+
+    def owner_gone(self) -> bool:
+        return self.pid is not None and process_started(self.pid) != self.started
+
+
+class Sink:
+    """Where a request's outputs go. Runners call `put` on the compute thread right after computing, so
+    a captured graph's static output is copied out before the next replay overwrites it."""
+
+    def put(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to("cpu")
+
+
+HOST = Sink()
+
+
+class IpcSink(Sink):
+    """Writes outputs into the client's output buffer; what does not fit goes to the host instead."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+        self.placed: dict[str, list[Any]] = {}
+        self._starts: dict[str, int] = {}  # a retried request puts again: same name, same place
+        self.needed = 0  # bytes all outputs of this request take, aligned as placed
+
+    def put(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        start = self._starts.setdefault(name, aligned(self.needed))
+        nbytes = tensor.numel() * tensor.element_size()
+        self.needed = max(self.needed, start + nbytes)
+        if start + nbytes > self.out.numel() or tensor.dtype not in IPC_DTYPES.values():
+            self.placed.pop(name, None)
+            return tensor.to("cpu")
+        dst = self.out[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+        dst.copy_(tensor)
+        if dst.is_cuda:  # the reply goes out once this returns: the client must find the bytes there
+            torch.cuda.current_stream(dst.device).synchronize()
+        self.placed[name] = [start, dtype_name(tensor.dtype), list(tensor.shape)]
+        return dst
+
+    def reply(self) -> dict[str, Any]:
+        return {"outputs": self.placed, "needed": self.needed}
+
+
+class IpcBuffers:
+    """The buffers clients registered with this service, opened and cached until released or reaped."""
+
+    def __init__(self, device: torch.device, gpu_uuid: str | None, executor: GpuExecutor, idle_s: float):
+        self.device = device
+        self.gpu_uuid = gpu_uuid
+        self.executor = executor
+        self.idle_s = idle_s
+        self._buffers: dict[str, _Mapped] = {}
+        self._pid_ns = pid_namespace()
+        self._side: torch.cuda.Stream | None = None
+        self.opened_total = 0
+        self.closed_total = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.device.type == "cuda"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "buffers": len(self._buffers),
+            "mapped_bytes": sum(m.opened.nbytes for m in self._buffers.values()),
+            "clients": len({m.client for m in self._buffers.values()}),
+            "opened_total": self.opened_total,
+            "closed_total": self.closed_total,
+        }
+
+    # -- registration -------------------------------------------------------------------------------
+    async def register(self, body: Mapping[str, Any]) -> str:
+        if not self.enabled:
+            raise IpcUnavailable(f"this service computes on {self.device}, not a GPU")
+        client_uuid = body.get("gpu_uuid")
+        if client_uuid != self.gpu_uuid:
+            raise IpcUnavailable(
+                f"the client's GPU {client_uuid} is not this service's GPU {self.gpu_uuid}",
+                hint="IPC needs the same physical GPU; tensors go over HTTP instead",
+            )
+        try:
+            handle = bytes.fromhex(str(body.get("handle", "")))
+            nbytes = int(body["nbytes"])
+            client = str(body["client"])
+        except (KeyError, TypeError, ValueError):
+            raise BadRequest('send {"client", "gpu_uuid", "handle": hex, "nbytes"}') from None
+        if len(handle) != HANDLE_BYTES or nbytes <= 0:
+            raise BadRequest(f"an IPC handle has {HANDLE_BYTES} bytes and the buffer a positive size")
+        try:
+            opened = await self.executor.run(OpenedBuffer.open, handle, nbytes, self.device)
+        except IpcUnavailable as exc:
+            raise IpcUnavailable(
+                exc.message,
+                hint="client and service must share the host IPC namespace (compose: ipc: host) and GPU",
+            ) from None
+        same_ns = body.get("pid_ns") is not None and body.get("pid_ns") == self._pid_ns
+        pid = int(body["pid"]) if same_ns and isinstance(body.get("pid"), int) else None
+        started = str(body.get("started")) if pid is not None else None
+        buffer_id = uuid.uuid4().hex
+        self._buffers[buffer_id] = _Mapped(opened, client, pid, started, time.monotonic())
+        self.opened_total += 1
+        log.info("IPC: opened %.1f MiB buffer %s of client %s", nbytes / 2**20, buffer_id[:8], client)
+        return buffer_id
+
+    async def release(self, buffer_id: str, client: str) -> bool:
+        mapped = self._buffers.get(buffer_id)
+        if mapped is None or mapped.client != client:
+            return False
+        await self._close(buffer_id)
+        return True
+
+    async def _close(self, buffer_id: str) -> None:
+        mapped = self._buffers.pop(buffer_id)
+        await self.executor.run(mapped.opened.close)
+        self.closed_total += 1
+
+    async def reap(self) -> int:
+        """Close buffers whose owner died or that sat idle too long; returns how many were closed."""
+        now = time.monotonic()
+        stale = [
+            buffer_id
+            for buffer_id, m in self._buffers.items()
+            if m.in_use == 0 and (m.owner_gone() or now - m.last_used > self.idle_s)
+        ]
+        for buffer_id in stale:
+            log.info("IPC: closing buffer %s of client %s", buffer_id[:8], self._buffers[buffer_id].client)
+            await self._close(buffer_id)
+        return len(stale)
+
+    async def close_all(self) -> None:
+        for buffer_id in list(self._buffers):
+            await self._close(buffer_id)
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _lease(self, buffer_id: Any, client: str) -> _Mapped:
+        mapped = self._buffers.get(buffer_id) if isinstance(buffer_id, str) else None
+        if mapped is None or mapped.client != client:
+            raise UnknownIpcBuffer(
+                f"IPC buffer {buffer_id!r} is not open for client {client!r}",
+                hint="it was released or reaped; register it again",
+            )
+        return mapped
+
+    @contextlib.asynccontextmanager
+    async def request(self, spec: Any, client: str) -> AsyncIterator[tuple[dict[str, torch.Tensor], IpcSink]]:
+        """Input views and the output sink of one request; its buffers cannot be reaped meanwhile."""
+        if not self.enabled:
+            raise IpcUnavailable(f"this service computes on {self.device}, not a GPU")
+        if not isinstance(spec, dict) or not isinstance(spec.get("inputs", {}), dict):
+            raise BadRequest('params._ipc must be {"inputs": {name: [buffer, offset, dtype, shape]}, "out"}')
+        leased = [self._lease(spec.get("out"), client)]
+        inputs = {}
+        for name, where in spec.get("inputs", {}).items():
+            if not (isinstance(where, list) and len(where) == 4):
+                raise BadRequest(f"params._ipc.inputs.{name} must be [buffer, offset, dtype, shape]")
+            mapped = self._lease(where[0], client)
+            leased.append(mapped)
+            inputs[name] = _view(mapped.opened.tensor, name, *where[1:])
+        for mapped in leased:
+            mapped.in_use += 1
+            mapped.last_used = time.monotonic()
+        try:
+            yield inputs, IpcSink(leased[0].opened.tensor)
+        finally:
+            for mapped in leased:
+                mapped.in_use -= 1
+
+    async def put_rest(self, sink: IpcSink, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Place outputs a service returned without putting them (host tensors, cached results), on a
+        stream of their own so the copy does not wait behind the next forward."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+
+        def put_all() -> None:
+            with torch.cuda.stream(self._side):
+                for name, tensor in tensors.items():
+                    if name not in sink.placed:
+                        sink.put(name, tensor)
+
+        await asyncio.to_thread(put_all)
+
+
+def _view(memory: torch.Tensor, name: str, offset: Any, dtype: Any, shape: Any) -> torch.Tensor:
+    if dtype not in IPC_DTYPES:
+        raise BadRequest(f"IPC input {name!r}: dtype {dtype!r} is not one of {sorted(IPC_DTYPES)}")
+    if not isinstance(offset, int) or offset < 0 or offset % ALIGN:
+        raise BadRequest(f"IPC input {name!r}: offset must be a non-negative multiple of {ALIGN}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise BadRequest(f"IPC input {name!r}: shape must be a list of non-negative integers")
+    torch_dtype = IPC_DTYPES[dtype]
+    nbytes = torch.Size(shape).numel() * torch_dtype.itemsize
+    if offset + nbytes > memory.numel():
+        raise BadRequest(
+            f"IPC input {name!r}: {nbytes} bytes at offset {offset} run past the buffer's {memory.numel()}"
+        )
+    return memory[offset : offset + nbytes].view(torch_dtype).view(shape)

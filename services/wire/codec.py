@@ -1,0 +1,71 @@
+"""Wire codec: tensors as one safetensors blob, parameters as JSON inside its `__metadata__`.
+
+safetensors is a flat header + raw bytes: no code runs on load (unlike pickle), and encode/decode cost
+one memcpy. No aiohttp here: the server streams bodies (server/http_body.py), the client posts them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from luna_stack.wire.contract import CONTENT_TYPE
+from luna_stack.wire.errors import InvalidBody
+
+PARAMS_KEY = "luna"
+# safetensors caps its JSON header at 100 MB; we accept far less: a header is names, shapes and params.
+_MAX_HEADER = 16 << 20
+
+
+def encode(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None = None) -> bytes:
+    """Serialize CPU-or-GPU tensors (copied to CPU, made contiguous) and JSON params."""
+    cpu: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (views of one tensor, one tensor twice).
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        cpu[name] = t
+    metadata = {PARAMS_KEY: json.dumps(dict(params or {}), separators=(",", ":"))}
+    return st_save(cpu, metadata=metadata)
+
+
+def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Parse a blob into (tensors, params). Anything malformed raises InvalidBody."""
+    if len(blob) < 8:
+        raise InvalidBody("body is not a safetensors blob: shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > _MAX_HEADER or 8 + header_len > len(blob):
+        raise InvalidBody(
+            f"safetensors header claims {header_len} bytes but the body has {len(blob) - 8}",
+            hint="the body was truncated or is not safetensors",
+        )
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidBody(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidBody("safetensors header must be a JSON object")
+    try:
+        tensors = st_load(blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed case
+        raise InvalidBody(f"malformed safetensors body: {exc}") from None
+    raw = (header.get("__metadata__") or {}).get(PARAMS_KEY, "{}")
+    try:
+        params = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidBody(f"request parameters are not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise InvalidBody("request parameters must be a JSON object")
+    return tensors, params
+
+
+__all__ = ["CONTENT_TYPE", "PARAMS_KEY", "decode", "encode"]

@@ -1,0 +1,34 @@
+"""What a client and a service agree on besides the body format: service kinds, their default ports and
+operations, headers, and the names the step and conditioning params use. Importable anywhere (no torch)."""
+
+from __future__ import annotations
+
+KINDS = ("clip", "vae", "unet")
+DEFAULT_PORTS = {"clip": 8101, "vae": 8102, "unet": 8103}
+OPS = {
+    "clip": ("encode", "encode_dual", "tokenize"),
+    "vae": ("decode", "encode", "decode_tiled", "encode_tiled"),
+    "unet": ("step",),
+}
+
+CONTENT_TYPE = "application/vnd.luna.safetensors"
+CLIENT_HEADER = "X-Luna-Client"  # the caller's stable name: batching fairness, IPC buffer ownership
+OPEN_PATHS = ("/health/live", "/health/ready")  # answered without the bearer token
+
+# Control residuals of a UNet step travel as tensors `control.<kind>.<index>`.
+CONTROL_KINDS = ("input", "middle", "output")
+# CLIPTextEncodeSDXL's size conditioning and its defaults, passed through the CLIP service.
+SIZE_DEFAULTS = {
+    "width": 1024,
+    "height": 1024,
+    "crop_w": 0,
+    "crop_h": 0,
+    "target_width": 1024,
+    "target_height": 1024,
+}
+SIZE_KEYS = tuple(SIZE_DEFAULTS)
+VAE_SCALE = 8  # spatial compression of the SD1.x / SDXL VAEs: pixels per latent pixel
+
+
+def default_url(kind: str) -> str:
+    return f"http://127.0.0.1:{DEFAULT_PORTS[kind]}"
