@@ -24,7 +24,7 @@ from luna_stack.client.http import AsyncClient
 from luna_stack.clip.bpe import shared_bpe
 from luna_stack.clip.conditioning import EncodeJob, encode_jobs
 from luna_stack.clip.encoder_graphs import graphed_forward
-from luna_stack.clip.service import build
+from luna_stack.clip.family import build
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.config import load_settings
 from luna_stack.devtools.embedded import EmbeddedService

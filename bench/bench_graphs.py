@@ -30,7 +30,7 @@ from luna_stack.gpu.graphs import GraphRunner
 from luna_stack.lora import LoraCache, attach_side_paths, row_groups
 from luna_stack.unet.loader import LoadedUnet, load_unet
 from luna_stack.unet.step import unet_forward
-from luna_stack.unet.step_graphs import StepShape, build_runner
+from luna_stack.unet.step_runner import StepShape, build_runner
 from luna_stack.weights.paths import ModelRoots
 
 from .common import median_ms, print_table, sync, timed_sync, write_results
@@ -78,8 +78,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
 
 
-def _never() -> Any:
-    raise RuntimeError("the graph runner fell back to eager")
+def replay(runner: GraphRunner, *args: Any) -> Any:
+    """runner.run, failing when the runner ran the batch eager instead of replaying a graph."""
+    before = sum(runner.eager.values())
+    out = runner.run(*args)
+    if sum(runner.eager.values()) != before:
+        raise RuntimeError(f"the graph runner fell back to eager: {runner.eager}")
+    return out
 
 
 def graph_memory(runner: GraphRunner, rows: int, lora: bool) -> float:
@@ -120,7 +125,7 @@ def unet_rows(args: argparse.Namespace, root: Path, model: LoadedUnet) -> list[d
         def graph(
             with_lora: bool = False, parts: dict = parts, b: int = b, stack: tuple = stack
         ) -> torch.Tensor:
-            return runner.run(shape, parts, [(b, stack if with_lora else ())], _never)
+            return replay(runner, shape, parts, [(b, stack if with_lora else ())])
 
         err = rel_err(graph(), eager())
         lora_err = rel_err(graph(True), eager(True))
@@ -183,8 +188,12 @@ def clip_rows(args: argparse.Namespace, root: Path, device: torch.device, dtype:
 
         def graph(with_lora: bool = False, embeds: dict = embeds, b: int = b) -> list:
             return [
-                runners[k]
-                .run(Layers(keep[k]), {"embeds": [embeds[k]]}, [(b, stacks[k] if with_lora else ())], _never)
+                replay(
+                    runners[k],
+                    Layers(keep[k]),
+                    {"embeds": [embeds[k]]},
+                    [(b, stacks[k] if with_lora else ())],
+                )
                 .hidden[keep[k][0]]
                 .clone()
                 for k in model.encoders
@@ -347,7 +356,7 @@ def _manual(fn: Callable[..., Any], args_in: list, device: torch.device) -> tupl
     runner.warm_up(["x"])
     setup = time.perf_counter() - started
     parts = {n: [a] for n, a in present.items()}
-    return (lambda: runner.run("x", parts, [(rows, ())], _never)), setup
+    return (lambda: replay(runner, "x", parts, [(rows, ())])), setup
 
 
 def main() -> None:

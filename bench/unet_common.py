@@ -22,8 +22,9 @@ from luna_stack.devtools.embedded import free_port
 from luna_stack.devtools.fixtures import unet_config, write_unet
 from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.server.app import create_app
+from luna_stack.server.service import Service
+from luna_stack.unet.family import build
 from luna_stack.unet.loader import LoadedUnet
-from luna_stack.unet.service import UnetService, build
 from luna_stack.unet.step import unet_forward
 
 from .common import sync, write_results
@@ -85,9 +86,7 @@ def models_root(args: argparse.Namespace):
 
 
 @contextlib.asynccontextmanager
-async def serve(
-    args: argparse.Namespace, root: Path, **unet_env: Any
-) -> AsyncIterator[tuple[str, UnetService]]:
+async def serve(args: argparse.Namespace, root: Path, **unet_env: Any) -> AsyncIterator[tuple[str, Service]]:
     """A real UNet service on 127.0.0.1 in this event loop (compute runs on its executor thread)."""
     env = {
         "LUNA_MODEL_ROOTS": str(root),

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-KINDS = ("clip", "vae", "unet")
+from luna_stack.wire.contract import KINDS
 
 
 @dataclass(frozen=True)

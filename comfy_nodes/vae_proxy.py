@@ -10,11 +10,13 @@ from typing import Any
 
 import torch
 
+from luna_stack.wire.contract import VAE_SCALE
+
 from .errors import LunaNodeError
 from .progress import comfy_progress
 from .remote import Services
 
-SCALE = 8  # SD1.5 / SDXL VAEs: 8x spatial compression, no temporal axis
+SCALE = VAE_SCALE  # no temporal axis
 
 
 class VaeProxy:

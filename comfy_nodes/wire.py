@@ -8,11 +8,9 @@ from typing import Any
 
 import torch
 
-from .errors import LunaNodeError
+from luna_stack.wire.contract import CONTROL_KINDS, SIZE_KEYS
 
-CONTROL_KINDS = ("input", "middle", "output")
-# CLIPTextEncodeSDXL's size conditioning, forwarded to the CLIP service and put into the conditioning.
-SIZE_KEYS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+from .errors import LunaNodeError
 
 
 def tokens_to_wire(

@@ -10,7 +10,8 @@ import logging
 import sys
 from pathlib import Path
 
-from luna_stack.config import SERVICE_KINDS, load_settings, settings_table
+from luna_stack.config import load_settings, settings_table
+from luna_stack.wire.contract import KINDS
 from luna_stack.wire.errors import ConfigError, LunaError
 
 log = logging.getLogger("luna_stack")
@@ -34,7 +35,7 @@ def serve(kind: str, config: str | None, host: str | None, port: int | None) -> 
     if changes:
         settings = settings.with_core(**changes)
     setup_logging(settings.core.log_level)
-    module = importlib.import_module(f"luna_stack.{kind}.service")
+    module = importlib.import_module(f"luna_stack.{kind}.family")
     service = module.build(settings)
     bind_port = settings.core.port or service.default_port
     app = create_app(service, bind_port)
@@ -52,7 +53,8 @@ def serve(kind: str, config: str | None, host: str | None, port: int | None) -> 
 
 
 def status(urls: list[str], token: str | None) -> int:
-    from luna_stack.client.http import DEFAULT_PORTS, AsyncClient
+    from luna_stack.client.http import AsyncClient
+    from luna_stack.wire.contract import DEFAULT_PORTS
 
     async def collect() -> dict[str, object]:
         out: dict[str, object] = {}
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_serve = sub.add_parser("serve", help="serve one model service")
-    p_serve.add_argument("kind", choices=SERVICE_KINDS)
+    p_serve.add_argument("kind", choices=KINDS)
     p_serve.add_argument("--config", help="YAML config file (default: $LUNA_CONFIG)")
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)

@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from luna_stack.wire.contract import DEFAULT_PORTS, KINDS
 from luna_stack.wire.errors import ConfigError
 
 ENV_PREFIX = "LUNA_"
-SERVICE_KINDS = ("clip", "vae", "unet")
 _SECTIONS: dict[str, type] = {}
 T = TypeVar("T")
 
@@ -58,7 +58,9 @@ class CoreSettings:
     host: str = setting("127.0.0.1", "Address to bind. Anything but loopback requires `token`.")
     port: int = setting(
         0,
-        "Port to bind; 0 = the service's default (clip 8101, vae 8102, unet 8103).",
+        "Port to bind; 0 = the service's default ("
+        + ", ".join(f"{kind} {port}" for kind, port in DEFAULT_PORTS.items())
+        + ").",
         minimum=0,
         maximum=65535,
     )
@@ -119,7 +121,7 @@ class Settings:
 
 
 def _register_service_sections() -> None:
-    for kind in SERVICE_KINDS:
+    for kind in KINDS:
         try:
             importlib.import_module(f"luna_stack.{kind}.settings")
         except ModuleNotFoundError as exc:

@@ -22,7 +22,7 @@ from luna_stack.config import Settings, load_settings
 from luna_stack.devtools.embedded import EmbeddedService, free_port
 from luna_stack.devtools.fixtures import write_models_dir
 from luna_stack.devtools.localrun import spawn_service, start_redis_server, wait_ready
-from luna_stack.server.service import ModelService
+from luna_stack.server.service import Service
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ def start_service() -> Iterator[Callable[..., EmbeddedService]]:
     running: list[EmbeddedService] = []
 
     def start(
-        build: Callable[[Settings], ModelService], settings: Settings, ready: bool = True
+        build: Callable[[Settings], Service], settings: Settings, ready: bool = True
     ) -> EmbeddedService:
         svc = EmbeddedService(build(settings)).start()
         running.append(svc)

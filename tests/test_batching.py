@@ -39,9 +39,9 @@ async def test_concurrent_clients_merge_and_each_gets_its_own_result(executor) -
     run = Recorder()
     batcher = Batcher("t", run, executor, max_rows=8, max_delay_ms=200)
     for i in range(5):  # every client has been active lately, so the batch waits for all of them
-        await batcher.submit("k", i, client=f"c{i}")
+        await batcher.enqueue("k", i, client=f"c{i}")
     run.batches.clear()
-    results = await asyncio.gather(*(batcher.submit("k", i, client=f"c{i}") for i in range(5)))
+    results = await asyncio.gather(*(batcher.enqueue("k", i, client=f"c{i}") for i in range(5)))
     assert results == [0, 10, 20, 30, 40]
     assert run.batches == [[0, 1, 2, 3, 4]]
     await batcher.close()
@@ -51,7 +51,7 @@ async def test_a_lone_client_does_not_wait_for_the_delay(executor) -> None:
     batcher = Batcher("t", Recorder(), executor, max_rows=8, max_delay_ms=2000)
     started = time.monotonic()
     for i in range(3):
-        assert await batcher.submit("k", i, client="only") == i * 10
+        assert await batcher.enqueue("k", i, client="only") == i * 10
     assert time.monotonic() - started < 1.0  # three steps, none waited 2 s for company
     await batcher.close()
 
@@ -59,9 +59,9 @@ async def test_a_lone_client_does_not_wait_for_the_delay(executor) -> None:
 async def test_busy_client_cannot_starve_another(executor) -> None:
     run = Recorder(compute_s=0.05)
     batcher = Batcher("t", run, executor, max_rows=2, max_delay_ms=0)
-    busy = [asyncio.create_task(batcher.submit("k", i, client="busy")) for i in range(1, 9)]
+    busy = [asyncio.create_task(batcher.enqueue("k", i, client="busy")) for i in range(1, 9)]
     await asyncio.sleep(0.01)
-    other = asyncio.create_task(batcher.submit("k", 100, client="other"))
+    other = asyncio.create_task(batcher.enqueue("k", 100, client="other"))
     await asyncio.gather(*busy, other)
     position = next(n for n, batch in enumerate(run.batches) if 100 in batch)
     assert position <= 1, run.batches  # round-robin: in the first batch formed after it arrived
@@ -72,11 +72,11 @@ async def test_one_bad_item_fails_only_its_own_request(executor) -> None:
     run = Recorder()
     batcher = Batcher("t", run, executor, max_rows=8, max_delay_ms=100)
     for c in "abc":
-        await batcher.submit("k", 0, client=c)
+        await batcher.enqueue("k", 0, client=c)
     results = await asyncio.gather(
-        batcher.submit("k", 1, client="a"),
-        batcher.submit("k", -1, client="b"),
-        batcher.submit("k", 3, client="c"),
+        batcher.enqueue("k", 1, client="a"),
+        batcher.enqueue("k", -1, client="b"),
+        batcher.enqueue("k", 3, client="c"),
         return_exceptions=True,
     )
     assert results[0] == 10 and results[2] == 30
@@ -87,7 +87,7 @@ async def test_one_bad_item_fails_only_its_own_request(executor) -> None:
 async def test_different_keys_never_share_a_batch(executor) -> None:
     run = Recorder()
     batcher = Batcher("t", run, executor, max_rows=8, max_delay_ms=50)
-    await asyncio.gather(*(batcher.submit(("shape", i % 2), i, client=f"c{i}") for i in range(6)))
+    await asyncio.gather(*(batcher.enqueue(("shape", i % 2), i, client=f"c{i}") for i in range(6)))
     for batch in run.batches:
         assert len({i % 2 for i in batch}) == 1
     await batcher.close()

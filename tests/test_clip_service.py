@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from luna_stack.client.http import AsyncClient
 from luna_stack.clip.bpe import shared_bpe
 from luna_stack.clip.cache import cache_key
-from luna_stack.clip.service import build
+from luna_stack.clip.family import build
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.wire.errors import BadRequest, ModelLoadError, PathNotAllowed, UnknownModel

@@ -241,9 +241,9 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any, 
     for folder in ("checkpoints", "vae", "clip", "unet", "loras", "embeddings"):
         (models / folder).mkdir()
     _write_family(models, "sd15")
-    from luna_stack.clip.service import build as build_clip
-    from luna_stack.unet.service import build as build_unet
-    from luna_stack.vae.service import build as build_vae
+    from luna_stack.clip.family import build as build_clip
+    from luna_stack.unet.family import build as build_unet
+    from luna_stack.vae.family import build as build_vae
 
     settings = make_settings(models)
     running = [EmbeddedService(build(settings)).start() for build in (build_clip, build_vae, build_unet)]

@@ -21,12 +21,12 @@ from comfy_nodes.remote import Services
 from comfy_nodes.settings import PackSettings
 from comfy_nodes.vae_proxy import VaeProxy
 from comfy_nodes.wire import conditioning, control_to_wire, image_to_wire, size_params, tokens_to_wire
-from luna_stack.clip.service import build as build_clip
+from luna_stack.clip.family import build as build_clip
 from luna_stack.devtools.embedded import free_port
 from luna_stack.devtools.fixtures import clip_config, unet_config
 from luna_stack.devtools.lora_fixtures import write_lora
-from luna_stack.unet.service import build as build_unet
-from luna_stack.vae.service import build as build_vae
+from luna_stack.unet.family import build as build_unet
+from luna_stack.vae.family import build as build_vae
 from luna_stack.wire.errors import Unavailable, UnknownModel
 
 from .conftest import make_settings

@@ -11,8 +11,8 @@ import torch
 
 from luna_stack.client.http import AsyncClient, Client
 from luna_stack.gpu.nvml import nvml_status
+from luna_stack.vae.family import build as build_vae
 from luna_stack.vae.model import load_vae
-from luna_stack.vae.service import build as build_vae
 
 from .conftest import make_settings
 

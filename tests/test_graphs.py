@@ -23,7 +23,6 @@ from luna_stack.clip.conditioning import EncodeJob, encode_jobs
 from luna_stack.clip.encoder_graphs import build_runner as build_clip_runner
 from luna_stack.clip.encoder_graphs import default_layers, graphed_forward
 from luna_stack.clip.models import ClipModel, load_clip_model
-from luna_stack.clip.service import LoraStack
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L
 from luna_stack.config import load_settings
 from luna_stack.devtools.lora_fixtures import write_lora
@@ -31,12 +30,13 @@ from luna_stack.gpu.graph_config import GraphConfig, parse_buckets, round_up
 from luna_stack.gpu.graphs import GraphRunner
 from luna_stack.lora import LoraCache, ResolvedLora, attach_side_paths, row_groups
 from luna_stack.lora.bank import LoraBank
+from luna_stack.lora.stack import LoraStack
 from luna_stack.server.batcher import Batcher
 from luna_stack.server.executor import GpuExecutor
 from luna_stack.server.metrics import Metrics
 from luna_stack.unet.loader import LoadedUnet, load_unet
 from luna_stack.unet.step import unet_forward
-from luna_stack.unet.step_graphs import build_runner, step_shape
+from luna_stack.unet.step_runner import build_runner, step_shape
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import ConfigError
 
@@ -95,17 +95,15 @@ def eager_step(model: LoadedUnet, requests: Sequence[Request]) -> torch.Tensor:
         )
 
 
-def graph_step(runner: GraphRunner, requests: Sequence[Request], eager=None) -> torch.Tensor:
-    """The service's graph path; fails the test if the runner falls back to eager (unless `eager`)."""
+def graph_step(runner: GraphRunner, requests: Sequence[Request], *, eager: bool = False) -> torch.Tensor:
+    """The service's path through the runner; fails the test if the runner ran the batch eager, or, with
+    `eager`, if it did not."""
     parts = {name: [r[0][name] for r in requests] for name in requests[0][0]}
     stacks = [(r[0]["x"].shape[0], r[1]) for r in requests]
-
-    def no_eager() -> torch.Tensor:
-        raise AssertionError(f"ran eager: {runner.eager}")
-
-    out = runner.run(
-        step_shape(requests[0][0]["x"], requests[0][0]["context"], {}), parts, stacks, eager or no_eager
-    )
+    before = sum(runner.eager.values())
+    out = runner.run(step_shape(requests[0][0]["x"], requests[0][0]["context"], {}), parts, stacks)
+    ran_eager = sum(runner.eager.values()) > before
+    assert ran_eager == eager, f"eager forwards: {runner.eager}"
     return out.clone()  # a static buffer: the next replay overwrites it
 
 
@@ -159,7 +157,9 @@ async def _batches(buckets: tuple[int, ...] | None, requests: int, rows: int = 2
     executor = GpuExecutor("t")
     batcher = Batcher("t", run, executor, max_rows=16, max_delay_ms=500, buckets=buckets)
     try:
-        await asyncio.gather(*(batcher.submit("k", rows, rows=rows, client=f"c{i}") for i in range(requests)))
+        await asyncio.gather(
+            *(batcher.enqueue("k", rows, rows=rows, client=f"c{i}") for i in range(requests))
+        )
     finally:
         await batcher.close()
         executor.shutdown()
@@ -200,7 +200,8 @@ def test_every_bucket_pads_and_slices_like_the_eager_forward(unet: LoadedUnet) -
     assert status["eager"] == {}
     # More rows than the largest bucket: eager, counted.
     requests = step_requests(unet, [(), ()], rows=3)
-    assert graph_step(runner, requests, eager=lambda: torch.zeros(1)).shape == (1,)
+    out = graph_step(runner, requests, eager=True)
+    torch.testing.assert_close(out, eager_step(unet, requests), **FP32_TOL)
     assert eager_forwards(metrics, "unet", "rows") == 1
     assert (
         metrics.registry.get_sample_value(
@@ -215,7 +216,7 @@ def test_shapes_beyond_the_limit_run_eager(unet: LoadedUnet) -> None:
     runner = build_runner(unet, graph_config(shapes=1), metrics.graph_forwards)
     graph_step(runner, step_requests(unet, [()], size=8))
     other = step_requests(unet, [()], size=16)
-    assert graph_step(runner, other, eager=lambda: torch.ones(1)).shape == (1,)
+    torch.testing.assert_close(graph_step(runner, other, eager=True), eager_step(unet, other), **FP32_TOL)
     assert eager_forwards(metrics, "unet", "shapes") == 1
     assert [g["shape"] for g in runner.describe()["graphs"]] == ["8x8 ctx77"]
 
@@ -260,7 +261,7 @@ def test_stacks_that_do_not_fit_the_bank_run_eager_and_exact(unet: LoadedUnet, l
     runner = build_runner(unet, graph_config(slots=2, rank=8), metrics.graph_forwards)
     requests = step_requests(unet, [tuple((loras[n], 0.7) for n in stack)], seed=30)
     expected = eager_step(unet, requests)
-    out = graph_step(runner, requests, eager=lambda: eager_step(unet, requests))
+    out = graph_step(runner, requests, eager=True)
     assert torch.equal(out, expected), why
     assert eager_forwards(metrics, "unet", "lora") == 1, why
     assert runner.bank is not None and runner.bank.describe()["resident"] == [None, None]  # nothing evicted
@@ -323,7 +324,7 @@ def clip_encode(
     model: ClipModel, jobs: list[EncodeJob], runners=None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     def lora_plan(encoder, row_stacks):
-        rows = [(1, getattr(s, "per_encoder", {}).get(encoder.kind, ())) for s in row_stacks]
+        rows = [(1, s.part(encoder.kind)) for s in row_stacks]
         return model.slots[encoder.kind].plan(row_groups(rows))
 
     forward = graphed_forward(runners, model.slots) if runners else None

@@ -20,15 +20,15 @@ import torch
 from luna_stack.client.http import AsyncClient
 from luna_stack.clip.encoder_graphs import build_runner as build_clip_runner
 from luna_stack.clip.encoder_graphs import default_layers
+from luna_stack.clip.family import build as build_clip
 from luna_stack.clip.models import load_clip_model
-from luna_stack.clip.service import LoraStack
-from luna_stack.clip.service import build as build_clip
 from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.lora import attach_side_paths
+from luna_stack.lora.stack import LoraStack
 from luna_stack.server.metrics import Metrics
+from luna_stack.unet.family import build as build_unet
 from luna_stack.unet.loader import LoadedUnet, load_unet
-from luna_stack.unet.service import build as build_unet
-from luna_stack.unet.step_graphs import StepShape, build_runner
+from luna_stack.unet.step_runner import StepShape, build_runner
 from luna_stack.weights.paths import ModelRoots
 
 from .conftest import make_settings

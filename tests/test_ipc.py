@@ -10,7 +10,7 @@ import torch
 
 from luna_stack.client.http import AsyncClient
 from luna_stack.server.ipc import IpcSink, _view
-from luna_stack.vae.service import build as build_vae
+from luna_stack.vae.family import build as build_vae
 from luna_stack.wire import codec
 from luna_stack.wire.errors import BadRequest, IpcUnavailable
 from luna_stack.wire.ipc import ALIGN, process_started

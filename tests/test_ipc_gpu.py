@@ -20,7 +20,7 @@ import torch
 
 from luna_stack.client.http import AsyncClient
 from luna_stack.gpu.nvml import nvml_status
-from luna_stack.vae.service import build as build_vae
+from luna_stack.vae.family import build as build_vae
 from luna_stack.wire.errors import BadRequest, UnknownIpcBuffer
 
 from .conftest import make_settings

@@ -17,7 +17,7 @@ from luna_stack.client.http import AsyncClient
 from luna_stack.jobs.queue import JobQueue
 from luna_stack.jobs.redis import connect
 from luna_stack.jobs.registry import Registry
-from luna_stack.vae.service import build
+from luna_stack.vae.family import build
 from luna_stack.wire.errors import UnknownJob
 
 from .conftest import free_port, make_settings

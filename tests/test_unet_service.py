@@ -11,7 +11,7 @@ import torch
 
 from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.lora_fixtures import write_lora
-from luna_stack.unet.service import build
+from luna_stack.unet.family import build
 from luna_stack.unet.step import input_block_shapes
 from luna_stack.wire.errors import LunaError
 

@@ -14,7 +14,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from luna_stack.client.http import AsyncClient, Client
 from luna_stack.devtools.fixtures import vae_config
-from luna_stack.vae.service import build
+from luna_stack.vae.family import build
 from luna_stack.vae.tiling import three_pass
 from luna_stack.weights.checkpoint import load_state_dict
 from luna_stack.wire import codec

@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import torch
 
+from luna_stack.wire import keys
 from luna_stack.wire.codec import decode, encode
 
 from .tokenize import Chunk
@@ -59,7 +60,7 @@ class CacheStats:
 
 
 class ConditioningCache:
-    def __init__(self, redis: aioredis.Redis, ttl_s: int, prefix: str = "luna:clip:cond:"):
+    def __init__(self, redis: aioredis.Redis, ttl_s: int, prefix: str = keys.COND_CACHE_PREFIX):
         self.redis = redis
         self.ttl_s = ttl_s
         self.prefix = prefix

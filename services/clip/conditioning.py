@@ -14,23 +14,23 @@ SDXL conditioning is CLIP-L ++ CLIP-G per token, cut to the shorter of the two; 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
+from luna_stack.lora.stack import NO_LORA, LoraStack
 from luna_stack.wire.errors import BadRequest
 
 from .encoders import ClipEncoder, ForwardOutput, to_device
 from .tokenize import Chunk, empty_ids
 
 # (encoder, per-row LoRA stack keys) -> context in which the encoder's forward applies them
-LoraContext = Callable[[ClipEncoder, Sequence[Hashable]], AbstractContextManager[None]]
+LoraContext = Callable[[ClipEncoder, Sequence[LoraStack]], AbstractContextManager[None]]
 # (encoder, input embeddings, layers to keep, per-row LoRA stack keys) -> the encoder's outputs; the
 # service's runs captured graphs (encoder_graphs.py). Outputs may be static buffers: used before the next.
-Forward = Callable[[ClipEncoder, torch.Tensor, frozenset[int], Sequence[Hashable]], ForwardOutput]
-NO_LORA: tuple[()] = ()
+Forward = Callable[[ClipEncoder, torch.Tensor, frozenset[int], Sequence[LoraStack]], ForwardOutput]
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,11 @@ def choose_layer(family: str, clip_skip: int | None, num_layers: int) -> Layer:
 
 @dataclass
 class EncodeJob:
-    """One request: chunks per encoder key ("l", "g"), layer choice, LoRA stack key (NO_LORA for none)."""
+    """One request: chunks per encoder key ("l", "g"), layer choice, LoRA stack."""
 
     chunks: dict[str, list[Chunk]]
     clip_skip: int | None = None
-    lora: Hashable = NO_LORA
+    lora: LoraStack = NO_LORA
 
 
 def _weighted(chunks: list[Chunk]) -> bool:
@@ -74,9 +74,9 @@ def encode_rows(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(z [1, 77*k, width] float32, pooled [1, P] float32) per job for one encoder, in one forward."""
     rows: list[Chunk] = []
-    row_lora: list[Hashable] = []
+    row_lora: list[LoraStack] = []
     first_row: list[int] = []
-    empty_row: dict[tuple[Hashable, int], int] = {}
+    empty_row: dict[tuple[LoraStack, int], int] = {}
     for job in jobs:
         chunks = job.chunks[encoder.kind]
         first_row.append(len(rows))
@@ -119,7 +119,7 @@ def encode_rows(
 
 
 def _lora(
-    lora_context: LoraContext | None, encoder: ClipEncoder, row_lora: Sequence[Hashable]
+    lora_context: LoraContext | None, encoder: ClipEncoder, row_lora: Sequence[LoraStack]
 ) -> AbstractContextManager[None]:
     return lora_context(encoder, row_lora) if lora_context is not None else contextlib.nullcontext()
 

@@ -4,7 +4,7 @@ final layer norm. Token lookup, prompt weighting and the pooled projection stay 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from luna_stack.gpu.graph_config import GraphConfig
 from luna_stack.gpu.graphs import GraphRunner
 from luna_stack.lora.bank import LoraBank
 from luna_stack.lora.side import Stack, attach_side_paths, row_groups
+from luna_stack.lora.stack import LoraStack
 
 from .conditioning import Forward, choose_layer
 from .encoders import ClipEncoder, ForwardOutput
@@ -30,9 +31,9 @@ class Layers:
 
 
 def build_runner(encoder: ClipEncoder, name: str, config: GraphConfig, counter: Any = None) -> GraphRunner:
+    slots = attach_side_paths(encoder.model)
     bank = None
     if config.lora_slots:
-        slots = attach_side_paths(encoder.model)
         bank = LoraBank(slots, config.lora_slots, config.lora_rank, encoder.dtype, encoder.device)
 
     def allocate(shape: Layers, rows: int) -> dict[str, torch.Tensor]:
@@ -49,6 +50,7 @@ def build_runner(encoder: ClipEncoder, name: str, config: GraphConfig, counter: 
         allocate=allocate,  # type: ignore[arg-type]
         device=encoder.device,
         config=config,
+        slots=slots,
         bank=bank,
         counter=counter,
         cuda_graphs=encoder.device.type == "cuda",
@@ -62,23 +64,18 @@ def default_layers(encoder: ClipEncoder, family: str) -> Layers:
 
 
 def graphed_forward(runners: dict[str, GraphRunner], slots_of: dict[str, Any]) -> Forward:
-    """The conditioning Forward that replays `runners` (by encoder key), eager under a LoRA plan when a
-    batch cannot. Row stack keys are the service's LoraStack objects (per_encoder: key -> Stack)."""
+    """The conditioning Forward that replays `runners` (by encoder key; the runner runs a batch eager
+    when it cannot replay it), eager under a LoRA plan for an encoder without a runner."""
 
     def forward(
-        encoder: ClipEncoder, embeds: torch.Tensor, keep: frozenset[int], row_lora: Sequence[Hashable]
+        encoder: ClipEncoder, embeds: torch.Tensor, keep: frozenset[int], row_lora: Sequence[LoraStack]
     ) -> ForwardOutput:
-        stacks: list[tuple[int, Stack]] = [
-            (1, getattr(s, "per_encoder", {}).get(encoder.kind, ())) for s in row_lora
-        ]
-
-        def eager() -> ForwardOutput:
-            with slots_of[encoder.kind].plan(row_groups(stacks)):
-                return encoder.forward(embeds, keep)
+        stacks: list[tuple[int, Stack]] = [(1, s.part(encoder.kind)) for s in row_lora]
 
         runner = runners.get(encoder.kind)
         if runner is None:
-            return eager()
-        return runner.run(Layers(tuple(sorted(keep))), {"embeds": [embeds]}, stacks, eager)
+            with slots_of[encoder.kind].plan(row_groups(stacks)):
+                return encoder.forward(embeds, keep)
+        return runner.run(Layers(tuple(sorted(keep))), {"embeds": [embeds]}, stacks)
 
     return forward

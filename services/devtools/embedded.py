@@ -13,7 +13,7 @@ import urllib.request
 from aiohttp import web
 
 from luna_stack.server.app import create_app
-from luna_stack.server.service import ModelService
+from luna_stack.server.service import Service
 
 
 def free_port() -> int:
@@ -23,7 +23,7 @@ def free_port() -> int:
 
 
 class EmbeddedService:
-    def __init__(self, service: ModelService, port: int | None = None):
+    def __init__(self, service: Service, port: int | None = None):
         self.service = service
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -20,7 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from luna_stack.config import SERVICE_KINDS, load_settings
+from luna_stack.config import load_settings
+from luna_stack.wire.contract import KINDS
 from luna_stack.wire.errors import ConfigError
 
 log = logging.getLogger("luna_stack.run")
@@ -34,7 +35,7 @@ DEMO_PRELOAD = {
 
 
 def available_services() -> list[str]:
-    return [k for k in SERVICE_KINDS if importlib.util.find_spec(f"luna_stack.{k}.service") is not None]
+    return [k for k in KINDS if importlib.util.find_spec(f"luna_stack.{k}.family") is not None]
 
 
 def port_free(port: int) -> bool:

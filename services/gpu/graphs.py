@@ -29,16 +29,15 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from luna_stack.gpu.graph_config import GraphConfig, round_up
 from luna_stack.lora.bank import LoraBank, Window
-from luna_stack.lora.side import Stack
+from luna_stack.lora.side import LoraSlots, Stack, row_groups
 
 log = logging.getLogger(__name__)
-Out = TypeVar("Out")
 # The forward to capture: (shape, static inputs) -> outputs (tensors, or tuples/dicts/dataclasses of them).
 Forward = Callable[[Hashable, dict[str, torch.Tensor]], Any]
 # Static input buffers for (shape, bucket rows), leading dimension = rows.
@@ -104,9 +103,11 @@ class GraphRunner:
     allocate: Allocate
     device: torch.device
     config: GraphConfig
+    slots: LoraSlots | None = None  # the model's LoRA side paths: what eager batches run LoRA through
     bank: LoraBank | None = None
     counter: Any = None  # Metrics.graph_forwards (a prometheus Counter with op/path/reason labels)
     cuda_graphs: bool = True
+    enabled: bool = True  # False (graphs off): every batch runs eager, uncounted
     _graphs: dict[Key, Captured] = field(default_factory=dict)
     _failed: set[Key] = field(default_factory=set)
     _pool: Any = None
@@ -195,11 +196,12 @@ class GraphRunner:
         shape: Hashable,
         parts: Mapping[str, Sequence[torch.Tensor]],
         stacks: Sequence[tuple[int, Stack]],
-        eager: Callable[[], Out],
-    ) -> Out:
+    ) -> Any:
         """Outputs for a batch whose inputs are `parts` (per input name, the requests' tensors in row
-        order) and whose rows use `stacks` ((rows, LoRA stack) per request, as lora_side.row_groups).
-        Runs `eager()` instead when the batch cannot replay a graph."""
+        order) and whose rows use `stacks` ((rows, LoRA stack) per request, as lora.side.row_groups).
+        The same `forward` runs eager, on the concatenated parts, when the batch cannot replay a graph."""
+        if not self.enabled:
+            return self.run_eager(shape, parts, stacks)
         rows = sum(n for n, _ in stacks)
         lora = any(strength != 0 for _, stack in stacks for _, strength in stack)
         bucket = round_up(self.config.buckets, rows)
@@ -229,7 +231,7 @@ class GraphRunner:
                 reason = "capture"
         if reason is not None or captured is None:
             self._count("eager", reason or "capture")
-            return eager()
+            return self.run_eager(shape, parts, stacks)
         with torch.inference_mode():
             self._fill(captured, parts, rows, scale)
             if captured.graph is not None:
@@ -239,6 +241,23 @@ class GraphRunner:
         captured.replays += 1
         self._count("graph", "")
         return head(captured.outputs, rows)
+
+    def run_eager(
+        self,
+        shape: Hashable,
+        parts: Mapping[str, Sequence[torch.Tensor]],
+        stacks: Sequence[tuple[int, Stack]],
+    ) -> Any:
+        """The forward on the batch itself, LoRA stacks through the side paths' row-group plan."""
+        inputs = {name: torch.cat(list(ts)) if len(ts) > 1 else ts[0] for name, ts in parts.items()}
+        lora = any(strength != 0 for _, stack in stacks for _, strength in stack)
+        with torch.inference_mode():
+            if not lora:
+                return self.forward(shape, inputs)
+            if self.slots is None:
+                raise ValueError(f"{self.name}: LoRA stacks for a model without LoRA side paths")
+            with self.slots.plan(row_groups(stacks)):
+                return self.forward(shape, inputs)
 
     def _fill(
         self,

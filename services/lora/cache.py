@@ -29,6 +29,7 @@ from torch import nn
 
 from luna_stack.lora.format import Component, LoraFile, load_lora_bytes
 from luna_stack.lora.resolve import ResolvedLora, resolve
+from luna_stack.wire import keys
 from luna_stack.wire.errors import ModelLoadError, NotFound
 
 
@@ -68,7 +69,7 @@ class LoraCache:
         *,
         redis: Any = None,
         replica: str | None = None,
-        key_prefix: str = "luna:lora:",
+        key_prefix: str = keys.LORA_PREFIX,
     ):
         self.capacity_bytes = capacity_bytes
         self.device = torch.device(device)

@@ -16,7 +16,7 @@ exactly base(x), bitwise: the hook only adds into the rows of its groups.
 No host sync happens in a forward: the plan is compiled on entry into per-module lists of row ranges and
 (factors, scale) terms; factors already live on the model's device and dtype.
 
-Captured CUDA graphs (graphs.py) use the same hooks with a static `LoraBank` instead of a plan
+Captured CUDA graphs (graphs.py) use the same hooks with a static `BankedPath` instead of a plan
 (`use_bank`): adapters in fixed slots, chosen per row by a scale tensor, so one capture serves every
 stack. A batch whose adapters do not fit the bank runs eager under a plan, as here.
 """
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,16 @@ from torch import nn
 from luna_stack.lora.resolve import ResolvedLora, adaptable_modules
 from luna_stack.wire.errors import BadRequest
 
-if TYPE_CHECKING:
-    from luna_stack.lora.bank import LoraBank
+
+class BankedPath(Protocol):
+    """A static adapter bank (bank.py's BankedPath) as the hooks use it inside captured graphs."""
+
+    down: dict[str, torch.Tensor]  # module name -> stacked down factors of its slots
+
+    def apply(
+        self, name: str, x: torch.Tensor, output: torch.Tensor, scale: torch.Tensor, window: tuple[int, int]
+    ) -> None: ...
+
 
 Stack = Sequence[tuple[ResolvedLora, float]]  # adapters and their strengths, applied together
 RowGroup = tuple[int, int, Stack]  # rows [start, end) of the batch and their stack
@@ -86,7 +94,7 @@ class LoraSlots:
         self._model_ref = weakref.ref(model)
         self.modules = adaptable_modules(model)
         self._active: ContextVar[_CompiledPlan | None] = ContextVar(f"lora_plan_{id(self)}", default=None)
-        self._bank: ContextVar[tuple[LoraBank, torch.Tensor, tuple[int, int]] | None] = ContextVar(
+        self._bank: ContextVar[tuple[BankedPath, torch.Tensor, tuple[int, int]] | None] = ContextVar(
             f"lora_bank_{id(self)}", default=None
         )
         self._handles = [
@@ -103,7 +111,7 @@ class LoraSlots:
             self._active.reset(token)
 
     @contextmanager
-    def use_bank(self, bank: LoraBank, scale: torch.Tensor, window: tuple[int, int]) -> Iterator[None]:
+    def use_bank(self, bank: BankedPath, scale: torch.Tensor, window: tuple[int, int]) -> Iterator[None]:
         """Forwards inside add `bank`'s side path over its slots `window`, rows weighted by `scale`."""
         token = self._bank.set((bank, scale, window))
         try:

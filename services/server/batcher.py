@@ -74,7 +74,8 @@ class Batcher(Generic[I, R]):
     def depth(self) -> int:
         return len(self._pending)
 
-    async def submit(self, key: Hashable, item: I, *, rows: int = 1, client: str = "") -> R:
+    async def enqueue(self, key: Hashable, item: I, *, rows: int = 1, client: str = "") -> R:
+        """Wait for the batch this item runs in and return its result."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()

@@ -9,23 +9,32 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 _KEEP_S = 300.0
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    updated: float  # time.monotonic()
 
 
 class ProgressTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[int, int, float]] = {}  # id -> (done, total, updated)
+        self._entries: dict[str, Progress] = {}
 
     def tracker(self, request_ids: Iterable[str | None], total: int) -> Callable[[], None]:
         """A callback for the compute thread: each call is one unit of work done for these requests."""
         ids = [r for r in request_ids if r]
-        state = {"done": 0}
+        done = 0
 
         def tick() -> None:
-            state["done"] += 1
-            self._set(ids, min(state["done"], total), total)
+            nonlocal done
+            done += 1
+            self._set(ids, min(done, total), total)
 
         self._set(ids, 0, total)
         return tick
@@ -34,11 +43,10 @@ class ProgressTable:
         now = time.monotonic()
         with self._lock:
             for request_id in ids:
-                self._entries[request_id] = (done, total, now)
-            for stale in [k for k, (_d, _t, at) in self._entries.items() if now - at > _KEEP_S]:
+                self._entries[request_id] = Progress(done, total, now)
+            for stale in [k for k, e in self._entries.items() if now - e.updated > _KEEP_S]:
                 del self._entries[stale]
 
-    def get(self, request_id: str) -> dict[str, int] | None:
+    def get(self, request_id: str) -> Progress | None:
         with self._lock:
-            entry = self._entries.get(request_id)
-        return None if entry is None else {"done": entry[0], "total": entry[1]}
+            return self._entries.get(request_id)

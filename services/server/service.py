@@ -1,37 +1,40 @@
-"""The base every model service implements; the app (app.py) and the queue worker only talk to this."""
+"""One service replica: a model family with what the server runs it with — resident models, the batcher,
+the compute thread, IPC buffers, progress and metrics. The routes (routes.py) and the queue worker
+(lifecycle.py) talk only to this."""
 
 from __future__ import annotations
 
-import abc
 import gc
 import os
 import socket
 import uuid
-from typing import Any, ClassVar
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
 
 import torch
-from aiohttp import web
 
 from luna_stack.config import Settings
 from luna_stack.gpu.device import gpu_uuid, select_device, select_dtype
+from luna_stack.server.batcher import Batcher
 from luna_stack.server.executor import GpuExecutor
+from luna_stack.server.family import ModelFamily, OpRequest, Params, ServiceContext, Tensors, Work
 from luna_stack.server.ipc import IpcBuffers, Sink
 from luna_stack.server.metrics import Metrics
 from luna_stack.server.progress import ProgressTable
 from luna_stack.server.resident import ResidentModels
 from luna_stack.weights.paths import ModelRoots
+from luna_stack.wire.contract import DEFAULT_PORTS
+from luna_stack.wire.errors import NotFound
 from luna_stack.wire.tensors import dtype_name
 
-Tensors = dict[str, torch.Tensor]
-Params = dict[str, Any]
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 
-class ModelService(abc.ABC):
-    kind: ClassVar[str]
-    default_port: ClassVar[int]
-    resident: ResidentModels[Any]  # set by each service: its models by canonical name
-
-    def __init__(self, settings: Settings):
+class Service:
+    def __init__(self, settings: Settings, family: type[ModelFamily[Any, Any]]):
+        self.kind = family.kind
+        self.default_port = DEFAULT_PORTS[self.kind]
         self.settings = settings
         self.device = select_device(settings.core.device)
         self.dtype = select_dtype(settings.core.dtype, self.device)
@@ -42,29 +45,72 @@ class ModelService(abc.ABC):
         self.gpu_uuid = gpu_uuid(self.device)
         self.progress = ProgressTable()
         self.ipc = IpcBuffers(self.device, self.gpu_uuid, self.executor, settings.core.ipc_idle_s)
+        self.ctx = ServiceContext(
+            self.kind,
+            settings,
+            self.device,
+            self.dtype,
+            self.roots,
+            self.executor,
+            self.metrics,
+            self.progress,
+            self.replica_id,
+        )
+        self.family = family(self.ctx)
+        self.resident: ResidentModels[Any] = ResidentModels(
+            self.kind,
+            self.roots,
+            family.folders,
+            self.executor,
+            self.family.load,
+            load_on_demand=self.family.load_on_demand,
+        )
+        policy = self.family.batching
+        self.batcher: Batcher[Work, Any] = Batcher(
+            self.kind,
+            self._run_batch,
+            self.executor,
+            max_rows=policy.max_rows,
+            max_delay_ms=policy.max_delay_ms,
+            metrics=self.metrics,
+            buckets=policy.buckets,
+        )
 
-    @abc.abstractmethod
+    # -- requests ---------------------------------------------------------------------------------------
     async def run_op(
         self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
     ) -> tuple[Tensors, Params]:
-        """Run one operation (`POST /v1/<kind>/<op>` and queued jobs both land here). Outputs go through
-        `sink.put` on the compute thread (to the host, or into the client's IPC buffer); an output
-        returned without it is placed by the app afterwards."""
+        """POST /v1/<kind>/<op> and queued jobs both land here. Outputs go through `sink.put` on the
+        compute thread (to the host, or into the client's IPC buffer); an output returned without it is
+        placed by the route afterwards."""
+        spec = self.family.ops.get(op)
+        if spec is None:
+            raise NotFound(
+                f"unknown {self.kind} operation {op!r}", hint=f"one of {', '.join(self.family.ops)}"
+            )
+        spec.check_names(tensors)
+        model = await self.resident.get(params.get("model"))
 
-    @abc.abstractmethod
-    def models(self) -> list[dict[str, Any]]:
-        """Resident models: name, bytes, dtype, device and anything service-specific."""
+        async def compute(work: Work) -> Any:
+            key = self.family.batch_key(work)
+            return await self.batcher.enqueue(key, work, rows=work.rows, client=client)
 
-    @abc.abstractmethod
-    async def startup(self) -> None:
-        """Load the preload list (runs in the background; /health/ready waits for it)."""
+        reply = await self.family.serve(OpRequest(op, model, tensors, params, client, sink, compute))
+        return reply.tensors, reply.params
 
-    async def shutdown(self) -> None:
-        self.executor.shutdown()
+    def _run_batch(self, _key: Hashable, works: list[Work]) -> list[Any]:
+        return self.family.run_batch(works)
+
+    # -- models -----------------------------------------------------------------------------------------
+    async def preload(self) -> None:
+        """Start the family, then load the preload list (/health/ready waits for this)."""
+        await self.family.startup()
+        for name in self.family.preload:
+            await self.resident.get(name, preload=True)
 
     async def load(self, name: str) -> dict[str, Any]:
         """POST /v1/<kind>/load {"model": name}: make a model resident now (not on first use)."""
-        return (await self.resident.get(name, preload=True)).describe()
+        return self.family.describe_model(await self.resident.get(name, preload=True))
 
     async def unload(self, name: str) -> bool:
         """POST /v1/<kind>/unload {"model": name}. Requests already holding the model still finish."""
@@ -73,16 +119,15 @@ class ModelService(abc.ABC):
         await self.executor.run(_release_memory, self.device)
         return True
 
-    def routes(self) -> list[web.RouteDef]:
-        """Service-specific routes besides POST /v1/<kind>/<op>."""
-        return []
+    def models(self) -> list[dict[str, Any]]:
+        return [self.family.describe_model(m) for m in self.resident]
 
-    def status(self) -> dict[str, Any]:
-        """Service-specific status (batching, caches); merged into GET /v1/status."""
-        return {}
+    # -- status -----------------------------------------------------------------------------------------
+    def attach_redis(self, redis: aioredis.Redis) -> None:
+        self.ctx.redis = redis
 
     def queue_depth(self) -> int:
-        return 0
+        return self.batcher.depth
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -92,6 +137,23 @@ class ModelService(abc.ABC):
             "dtype": dtype_name(self.dtype),
             "gpu_uuid": self.gpu_uuid,
         }
+
+    def status(self) -> dict[str, Any]:
+        """Batching and the family's own status, merged into GET /v1/status."""
+        b = self.batcher
+        batching = {
+            "max_batch": b.max_rows,
+            "max_delay_ms": b.max_delay * 1000,
+            "batches": b.batches,
+            "rows": b.rows_total,
+            "largest_batch": b.largest_batch,
+        }
+        return {"batching": batching, **self.family.status(list(self.resident))}
+
+    async def shutdown(self) -> None:
+        await self.batcher.close()
+        await self.family.shutdown()
+        self.executor.shutdown()
 
 
 def _release_memory(device: torch.device) -> None:

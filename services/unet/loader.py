@@ -54,7 +54,7 @@ class LoadedUnet:
     nbytes: int
     load_seconds: float
     quant_types: dict[str, int] = field(default_factory=dict)  # GGUF: tensor count per type
-    graphs: Any = None  # its GraphRunner (step_graphs.py) when steps run as CUDA graphs
+    runner: Any = None  # its step runner (step_runner.py): eager, or CUDA graphs where they are on
 
     @property
     def config(self) -> Any:

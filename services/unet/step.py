@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
+from luna_stack.wire.contract import CONTROL_KINDS
 from luna_stack.wire.errors import BadRequest, InvalidTensor
 
-CONTROL_KINDS = ("input", "middle", "output")
 _CONTROL_NAME = re.compile(r"control\.(input|middle|output)\.(\d+)")
 
 

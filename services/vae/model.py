@@ -14,13 +14,13 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from luna_stack.weights import checkpoint, ldm_layout
+from luna_stack.wire.contract import VAE_SCALE
 from luna_stack.wire.errors import ModelLoadError
 from luna_stack.wire.tensors import dtype_name
 
 from . import tiling
 
 log = logging.getLogger(__name__)
-SCALE = 8  # spatial compression of SD1.x / SDXL VAEs
 
 
 @dataclass
@@ -99,7 +99,7 @@ class VaeModel:
                 tile_y=tile_y,
                 tile_x=tile_x,
                 overlap=overlap,
-                scale=SCALE,
+                scale=VAE_SCALE,
                 out_channels=3,
                 encode=False,
                 on_tile=on_tile,
@@ -127,7 +127,7 @@ class VaeModel:
                 tile_y=tile_y,
                 tile_x=tile_x,
                 overlap=overlap,
-                scale=1 / SCALE,
+                scale=1 / VAE_SCALE,
                 out_channels=self.latent_channels,
                 encode=True,
                 on_tile=on_tile,
@@ -140,9 +140,9 @@ def crop_to_multiple(image: torch.Tensor) -> torch.Tensor:
     """ComfyUI's encode crop: centre-crop H and W to multiples of 8, keep the first 3 channels."""
     for dim in (1, 2):
         size = image.shape[dim]
-        keep = (size // SCALE) * SCALE
+        keep = (size // VAE_SCALE) * VAE_SCALE
         if keep != size:
-            image = image.narrow(dim, (size % SCALE) // 2, keep)
+            image = image.narrow(dim, (size % VAE_SCALE) // 2, keep)
     return image[..., :3]
 
 

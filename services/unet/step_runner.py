@@ -1,5 +1,6 @@
-"""UNet steps as captured CUDA graphs (core GraphRunner): the shape a step graph is specialised to, its
-static inputs, and the forward it captures (step.unet_forward, LoRA bank included when active)."""
+"""The runner of a UNet's steps (gpu/graphs.py GraphRunner): the shape a step graph is specialised to, its
+static inputs, and the one forward (step.unet_forward) that eager batches and captured graphs both run.
+With graphs off the runner runs every batch eager; with them on it replays a graph per (shape, bucket)."""
 
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ def step_shape(x: torch.Tensor, context: torch.Tensor, control: dict[str, torch.
     return StepShape(x.shape[2], x.shape[3], context.shape[1], slots)  # type: ignore[arg-type]
 
 
-def build_runner(model: LoadedUnet, config: GraphConfig, counter: Any = None) -> GraphRunner:
+def build_runner(
+    model: LoadedUnet, config: GraphConfig, counter: Any = None, *, graphs: bool = True
+) -> GraphRunner:
     unet = model.unet
+    slots = attach_side_paths(unet)
     bank = None
-    if config.lora_slots:
-        slots = attach_side_paths(unet)
+    if graphs and config.lora_slots:
         bank = LoraBank(slots, config.lora_slots, config.lora_rank, model.dtype, model.device)
 
     def allocate(shape: StepShape, rows: int) -> dict[str, torch.Tensor]:
@@ -62,9 +65,22 @@ def build_runner(model: LoadedUnet, config: GraphConfig, counter: Any = None) ->
         return inputs
 
     def forward(shape: StepShape, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        control = BlockResiduals.from_named({slot: inputs[f"control.{slot}"] for slot, *_ in shape.control})
+        # Casts are no-ops on a graph's static buffers (allocated in these dtypes); eager batches
+        # arrive in the client's dtype.
+        def cast(t: torch.Tensor, dtype: torch.dtype = model.dtype) -> torch.Tensor:
+            return t.to(device=model.device, dtype=dtype)
+
+        control = BlockResiduals.from_named(
+            {slot: cast(inputs[f"control.{slot}"]) for slot, *_ in shape.control}
+        )
+        y = inputs.get("y")
         return unet_forward(
-            unet, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"), control
+            unet,
+            cast(inputs["x"]),
+            cast(inputs["timesteps"], torch.float32),
+            cast(inputs["context"]),
+            None if y is None else cast(y),
+            control,
         )
 
     return GraphRunner(
@@ -74,9 +90,11 @@ def build_runner(model: LoadedUnet, config: GraphConfig, counter: Any = None) ->
         allocate=allocate,  # type: ignore[arg-type]
         device=model.device,
         config=config,
+        slots=slots,
         bank=bank,
         counter=counter,
         cuda_graphs=model.device.type == "cuda",
+        enabled=graphs,
     )
 
 

@@ -1,32 +1,40 @@
-"""The CLIP service: POST /v1/clip/{encode,encode_dual,tokenize}, GET /v1/clip/models.
+"""The CLIP family: POST /v1/clip/{encode,encode_dual,tokenize}.
 
 A request names a model and gives either text (tokenized here, ComfyUI's syntax) or per-encoder token
 chunks with weights (what ComfyUI's own tokenizer produced). Concurrent requests for one model run as
-one forward through the Batcher; per-request LoRA goes through the side path; results are cached in
-Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes). On CUDA each encoder's
-forward replays a captured graph per row bucket (encoder_graphs.py), LoRA through its static bank.
+one forward through the server's batcher; per-request LoRA goes through the side path; results are
+cached in Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes). On CUDA each
+encoder's forward replays a captured graph per row bucket (encoder_graphs.py), LoRA through its static
+bank.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from prometheus_client import Counter
 
 from luna_stack.config import Settings
-from luna_stack.jobs.redis import connect
-from luna_stack.lora import LoraCache, Stack, row_groups
+from luna_stack.lora import LoraCache, row_groups
 from luna_stack.lora.request import parse_stack
-from luna_stack.server.batcher import Batcher
-from luna_stack.server.ipc import Sink
-from luna_stack.server.resident import ResidentModels
-from luna_stack.server.service import ModelService, Params, Tensors
-from luna_stack.wire.errors import BadRequest, NotFound
+from luna_stack.lora.stack import LoraStack, resolve_stack, stack_key
+from luna_stack.server.family import (
+    ModelFamily,
+    OpRequest,
+    OpSpec,
+    Params,
+    Reply,
+    ServiceContext,
+    TensorSpec,
+)
+from luna_stack.server.service import Service
+from luna_stack.wire.contract import SIZE_DEFAULTS
+from luna_stack.wire.errors import BadRequest
 from luna_stack.wire.tensors import dtype_name
 
 from .bpe import shared_bpe
@@ -39,88 +47,80 @@ from .models import FOLDERS, ClipModel, load_clip_model
 from .settings import ClipSettings
 from .tokenize import Chunk, chunks_from_ids, chunks_to_json, tokenize
 
-OPS = ("encode", "encode_dual", "tokenize")
-SIZE_KEYS = {
-    "width": 1024,
-    "height": 1024,
-    "crop_w": 0,
-    "crop_h": 0,
-    "target_width": 1024,
-    "target_height": 1024,
-}
 _COMPONENT = {"l": "clip_l", "g": "clip_g"}
 _INLINE_TOKENIZE = 1000  # prompts up to this many characters are tokenized on the event loop (no thread hop)
 
 
+_TEXT_OPS = "params: model, text (or text_l/text_g) or tokens, clip_skip, lora, cache"
+_COND = TensorSpec("cond", "[1,T,D] conditioning (float32)")
+_POOLED = TensorSpec("pooled", "[1,P] pooled output (float32)")
+OPS = {
+    "encode": OpSpec("encode", "prompt -> (cond, pooled). " + _TEXT_OPS, (), (_COND, _POOLED)),
+    "encode_dual": OpSpec(
+        "encode_dual",
+        "positive and negative prompts in one request: params.positive / params.negative as for encode",
+        (),
+        tuple(
+            TensorSpec(f"{side}_{s.name}", s.doc)
+            for side in ("positive", "negative")
+            for s in (_COND, _POOLED)
+        ),
+    ),
+    "tokenize": OpSpec("tokenize", "prompt -> token chunks per encoder (params.tokens of the reply)"),
+}
+
+
 @dataclass(frozen=True)
-class LoraStack:
-    """A request's CLIP LoRA stack: compared by (file content hash, strength), adapters per encoder."""
+class ClipWork:
+    model: ClipModel
+    job: EncodeJob
 
-    key: tuple[tuple[str, float], ...]
-    per_encoder: dict[str, Stack] = field(compare=False, hash=False, default_factory=dict)
+    @property
+    def rows(self) -> int:
+        return max(len(c) for c in self.job.chunks.values())
 
 
-class ClipService(ModelService):
+class ClipFamily(ModelFamily[ClipModel, ClipWork]):
     kind = "clip"
-    default_port = 8101
+    folders = FOLDERS
+    ops: ClassVar[Mapping[str, OpSpec]] = OPS
 
-    def __init__(self, settings: Settings):
-        super().__init__(settings)
-        self.cfg = settings.of(ClipSettings)
-        self.resident = ResidentModels(
-            "clip", self.roots, FOLDERS, self.executor, self._load, load_on_demand=self.cfg.load_on_demand
-        )
-        self.embeddings = EmbeddingStore(root / "embeddings" for root in self.roots.roots)
-        self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
+    section = ClipSettings
+    cfg: ClipSettings
+
+    def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
+        self.embeddings = EmbeddingStore(root / "embeddings" for root in ctx.roots.roots)
+        self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, ctx.device, ctx.dtype)
         self.cache: ConditioningCache | None = None
         self.graph_cfg = self.cfg.graph
-        self.graphs_on = self.graph_cfg.active_on(self.device)
+        self.graphs_on = self.graph_cfg.active_on(ctx.device)
         self.cache_lookups = Counter(
             "luna_clip_cache_lookups_total",
             "Conditioning cache lookups by result",
             ["result"],
-            registry=self.metrics.registry,
-        )
-        self.batcher: Batcher[EncodeJob, tuple[torch.Tensor, torch.Tensor]] = Batcher(
-            "clip",
-            self._run_batch,
-            self.executor,
-            max_rows=self.cfg.max_batch,
-            max_delay_ms=self.cfg.max_delay_ms,
-            metrics=self.metrics,
+            registry=ctx.metrics.registry,
         )
 
     # -- models ---------------------------------------------------------------------------------------
-    def _load(self, name: str) -> ClipModel:
-        model = load_clip_model(name, self.roots, device=self.device, dtype=self.dtype)
+    def load(self, name: str) -> ClipModel:
+        model = load_clip_model(name, self.ctx.roots, device=self.ctx.device, dtype=self.ctx.dtype)
         if self.graphs_on:
             for key, encoder in model.encoders.items():
-                runner = build_runner(encoder, name, self.graph_cfg, self.metrics.graph_forwards)
+                runner = build_runner(encoder, name, self.graph_cfg, self.ctx.metrics.graph_forwards)
                 model.graphs[key] = runner
                 if not self.graph_cfg.lazy:
                     runner.warm_up([default_layers(encoder, model.family)])
         return model
 
-    def models(self) -> list[dict[str, Any]]:
-        return [
-            {**m.describe(), "dtype": dtype_name(self.dtype), "device": str(self.device)}
-            for m in self.resident
-        ]
+    def describe_model(self, model: ClipModel) -> dict[str, Any]:
+        return {**model.describe(), "dtype": dtype_name(self.ctx.dtype), "device": str(self.ctx.device)}
 
     async def startup(self) -> None:
-        if self.settings.core.redis_url:
-            redis = connect(self.settings.core.redis_url)
-            self.lora_cache.redis = redis  # adapter metadata, LRU and hit counts for every replica
+        if self.ctx.redis is not None:
+            self.lora_cache.redis = self.ctx.redis  # adapter metadata, LRU and hit counts for every replica
             if self.cfg.cache:
-                self.cache = ConditioningCache(redis, self.cfg.cache_ttl_s)
-        for name in self.cfg.preload:
-            await self.resident.get(name, preload=True)
-
-    async def shutdown(self) -> None:
-        await self.batcher.close()
-        if self.lora_cache.redis is not None:
-            await self.lora_cache.redis.aclose()
-        await super().shutdown()
+                self.cache = ConditioningCache(self.ctx.redis, self.cfg.cache_ttl_s)
 
     # -- request parsing --------------------------------------------------------------------------------
     def _tokenize_text(self, model: ClipModel, part: Params) -> tuple[dict[str, list[Chunk]], list[str]]:
@@ -171,69 +171,39 @@ class ClipService(ModelService):
             )
         return value
 
-    async def _lora_key(self, files: list[tuple[Path, float]]) -> tuple[tuple[str, float], ...]:
-        """The stack as (file content hash, strength): what the output depends on, for the cache key."""
-        return tuple([(await asyncio.to_thread(self.lora_cache.digest, path), s) for path, s in files])
-
-    async def _lora_stack(
-        self, model: ClipModel, files: list[tuple[Path, float]], key: tuple[tuple[str, float], ...]
-    ) -> LoraStack:
-        if not files:
-            return LoraStack(())
-        per_encoder: dict[str, Stack] = {}
-        for enc_key, enc in model.encoders.items():
-            adapters = [
-                await self.lora_cache.aresolve(path, enc.model, _COMPONENT[enc_key], self.executor.run)
-                for path, _ in files
-            ]
-            per_encoder[enc_key] = tuple(
-                (a, s) for a, (_, s) in zip(adapters, files, strict=True) if a.factors
-            )
-        return LoraStack(key, per_encoder)
-
     # -- operations -------------------------------------------------------------------------------------
-    async def run_op(
-        self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
-    ) -> tuple[Tensors, Params]:
-        # Outputs stay host tensors (the conditioning cache keeps them); the app places them for IPC.
-        if op not in OPS:
-            raise NotFound(f"unknown CLIP operation {op!r}", hint=f"one of {', '.join(OPS)}")
-        model = await self.resident.get(params.get("model"))
+    async def serve(self, request: OpRequest[ClipModel]) -> Reply:
+        # Outputs stay host tensors (the conditioning cache keeps them); the route places them for IPC.
+        op, model, params = request.op, request.model, request.params
         if op == "tokenize":
             chunks, warnings = await self._chunks(model, params)
-            return {}, {
-                "model": model.name,
-                "tokens": {k: chunks_to_json(v) for k, v in chunks.items()},
-                "warnings": warnings,
-            }
+            tokens = {k: chunks_to_json(v) for k, v in chunks.items()}
+            return Reply({}, {"model": model.name, "tokens": tokens, "warnings": warnings})
         clip_skip = self._clip_skip(params)
-        lora_files = parse_stack(params.get("lora"), self.roots)
+        lora_files = parse_stack(params.get("lora"), self.ctx.roots)
         out_params: Params = {"model": model.name, "family": model.family, **self._size_params(params)}
         if op == "encode":
-            cond, pooled, info = await self._encode(model, params, clip_skip, lora_files, client)
-            return {"cond": cond, "pooled": pooled}, {**out_params, **info}
-        sides = {}
+            cond, pooled, info = await self._encode(request, params, clip_skip, lora_files)
+            return Reply({"cond": cond, "pooled": pooled}, {**out_params, **info})
         for side in ("positive", "negative"):
             if not isinstance(params.get(side), dict):
                 raise BadRequest(f"encode_dual needs params.{side} as an object with text or tokens")
         results = await asyncio.gather(
-            *(
-                self._encode(model, params[side], clip_skip, lora_files, client)
-                for side in ("positive", "negative")
-            )
+            *(self._encode(request, params[side], clip_skip, lora_files) for side in ("positive", "negative"))
         )
-        out: Tensors = {}
+        out: dict[str, torch.Tensor] = {}
+        sides = {}
         for side, (cond, pooled, info) in zip(("positive", "negative"), results, strict=True):
             out[f"{side}_cond"], out[f"{side}_pooled"] = cond, pooled
             sides[side] = info
-        return out, {**out_params, **sides}
+        return Reply(out, {**out_params, **sides})
 
     @staticmethod
     def _size_params(params: Params) -> Params:
         """CLIPTextEncodeSDXL's size conditioning, passed through (its defaults for keys not given)."""
-        if not any(k in params for k in SIZE_KEYS):
+        if not any(k in params for k in SIZE_DEFAULTS):
             return {}
-        sizes = {k: params.get(k, default) for k, default in SIZE_KEYS.items()}
+        sizes = {k: params.get(k, default) for k, default in SIZE_DEFAULTS.items()}
         for k, v in sizes.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise BadRequest(f"params.{k} must be a non-negative integer")
@@ -241,60 +211,55 @@ class ClipService(ModelService):
 
     async def _encode(
         self,
-        model: ClipModel,
+        request: OpRequest[ClipModel],
         part: Params,
         clip_skip: int | None,
         lora_files: list[tuple[Path, float]],
-        client: str,
     ) -> tuple[torch.Tensor, torch.Tensor, Params]:
+        model = request.model
         chunks, warnings = await self._chunks(model, part)
-        lora_key = await self._lora_key(lora_files)
+        lora_key = await stack_key(lora_files, self.lora_cache)
         info: Params = {"chunks": max(len(c) for c in chunks.values()), "warnings": warnings, "cache": "off"}
         key = None
         if self.cache is not None and part.get("cache", True):
-            key = cache_key(model.content_id, dtype_name(self.dtype), chunks, clip_skip, lora_key)
+            key = cache_key(model.content_id, dtype_name(self.ctx.dtype), chunks, clip_skip, lora_key)
             hit = await self.cache.get(key)
             self.cache_lookups.labels(result="hit" if hit is not None else "miss").inc()
             if hit is not None:
                 return hit[0], hit[1], {**info, "cache": "hit"}
             info["cache"] = "miss"
-        job = EncodeJob(chunks, clip_skip, await self._lora_stack(model, lora_files, lora_key))
-        cond, pooled = await self.batcher.submit(model.name, job, rows=info["chunks"], client=client)
+        parts = {key: (enc.model, _COMPONENT[key]) for key, enc in model.encoders.items()}
+        stack = await resolve_stack(lora_files, self.lora_cache, parts, self.ctx.executor.run, lora_key)
+        job = EncodeJob(chunks, clip_skip, stack)
+        cond, pooled = await request.compute(ClipWork(model, job))
         if key is not None and self.cache is not None:
             await self.cache.put(key, cond, pooled)
         return cond, pooled, info
 
-    # -- compute thread ---------------------------------------------------------------------------------
-    def _run_batch(self, key: Hashable, jobs: Sequence[EncodeJob]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        model = self.resident.loaded(str(key))
+    def batch_key(self, work: ClipWork) -> Hashable:
+        return work.model.name
 
-        def lora_plan(encoder: ClipEncoder, row_stacks: Sequence[Hashable]):
-            rows = [(1, s.per_encoder.get(encoder.kind, ())) for s in row_stacks]  # type: ignore[attr-defined]
-            return model.slots[encoder.kind].plan(row_groups(rows))
+    # -- compute thread ---------------------------------------------------------------------------------
+    def run_batch(self, works: Sequence[ClipWork]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        model = works[0].model
+
+        def lora_plan(encoder: ClipEncoder, row_stacks: Sequence[LoraStack]):
+            return model.slots[encoder.kind].plan(row_groups([(1, s.part(encoder.kind)) for s in row_stacks]))
 
         forward = graphed_forward(model.graphs, model.slots) if model.graphs else None
-        results = encode_jobs(model.encoders, model.family, jobs, lora_plan, forward)
+        results = encode_jobs(model.encoders, model.family, [w.job for w in works], lora_plan, forward)
         return [(cond.cpu(), pooled.cpu()) for cond, pooled in results]
 
     # -- status ---------------------------------------------------------------------------------------------
-    def queue_depth(self) -> int:
-        return self.batcher.depth
-
-    def status(self) -> dict[str, Any]:
-        lora = self.lora_cache.stats()
-        runners = [r for m in self.resident for r in m.graphs.values()]
+    def status(self, models: Sequence[ClipModel]) -> dict[str, Any]:
+        runners = [r for m in models for r in m.graphs.values()]
         return {
-            "batching": {
-                "batches": self.batcher.batches,
-                "rows": self.batcher.rows_total,
-                "largest_batch": self.batcher.largest_batch,
-                "max_batch": self.batcher.max_rows,
-            },
             "conditioning_cache": vars(self.cache.stats) if self.cache is not None else None,
-            "lora_cache": vars(lora),
-            "graphs": self.graph_cfg.status(self.device, runners),
+            "lora_cache": vars(self.lora_cache.stats()),
+            "graphs": self.graph_cfg.status(self.ctx.device, runners),
         }
 
 
-def build(settings: Settings) -> ClipService:
-    return ClipService(settings)
+def build(settings: Settings) -> Service:
+    """The clip service: the server around this family (what `luna-stack serve clip` runs)."""
+    return Service(settings, ClipFamily)

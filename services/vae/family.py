@@ -1,0 +1,185 @@
+"""The VAE family: POST /v1/vae/{decode,encode,decode_tiled,encode_tiled}.
+
+Requests for the same model, operation, shape, dtype and tiling run as one batch. A decode that runs out
+of GPU memory is retried tiled."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from luna_stack.config import Settings
+from luna_stack.server.family import (
+    ModelFamily,
+    OpRequest,
+    OpSpec,
+    Params,
+    Reply,
+    ServiceContext,
+    TensorSpec,
+)
+from luna_stack.server.ipc import Sink
+from luna_stack.server.service import Service
+from luna_stack.wire.contract import VAE_SCALE
+from luna_stack.wire.errors import BadRequest, InvalidTensor
+from luna_stack.wire.tensors import require_tensor
+
+from .model import VaeModel, load_vae
+from .settings import VaeSettings
+from .tiling import three_pass_tiles
+
+log = logging.getLogger(__name__)
+_LATENT = TensorSpec("latent", "raw (unscaled) latent [B,C,H/8,W/8], ComfyUI's LATENT samples")
+_IMAGE = TensorSpec("image", "IMAGE [B,H,W,3] in 0..1 (a 4th alpha channel is dropped)")
+_TILING = " Params tile_x, tile_y, overlap in the input's units; request_id for progress."
+
+
+@dataclass(frozen=True)
+class Tiling:
+    tile_y: int
+    tile_x: int
+    overlap: int
+
+
+@dataclass(frozen=True)
+class VaeKey:
+    op: str
+    model: str
+    shape: tuple[int, ...]  # one row's shape
+    dtype: torch.dtype
+    tiling: Tiling | None
+
+
+@dataclass(frozen=True)
+class VaeWork:
+    op: str
+    model: VaeModel
+    tensor: torch.Tensor
+    tiling: Tiling | None
+    request_id: str | None
+    sink: Sink
+
+    @property
+    def rows(self) -> int:
+        return self.tensor.shape[0]
+
+
+class VaeFamily(ModelFamily[VaeModel, VaeWork]):
+    kind = "vae"
+    folders = ("vae", "checkpoints")
+    ops: ClassVar[Mapping[str, OpSpec]] = {
+        "decode": OpSpec("decode", "latent -> image", (_LATENT,), (_IMAGE,)),
+        "encode": OpSpec("encode", "image -> latent", (_IMAGE,), (_LATENT,)),
+        "decode_tiled": OpSpec(
+            "decode_tiled", "latent -> image, tile by tile." + _TILING, (_LATENT,), (_IMAGE,)
+        ),
+        "encode_tiled": OpSpec(
+            "encode_tiled", "image -> latent, tile by tile." + _TILING, (_IMAGE,), (_LATENT,)
+        ),
+    }
+
+    section = VaeSettings
+    cfg: VaeSettings
+
+    def __init__(self, ctx: ServiceContext):
+        super().__init__(ctx)
+        self.oom_fallbacks = 0
+
+    def load(self, name: str) -> VaeModel:
+        return load_vae(name, self.ctx.roots.resolve(name, self.folders), self.ctx.device, self.ctx.dtype)
+
+    # -- requests -------------------------------------------------------------------------------------
+    def _check_size(self, height: int, width: int) -> None:
+        if height * width > self.cfg.max_pixels:
+            raise InvalidTensor(
+                f"image of {height}×{width} pixels exceeds vae.max_pixels={self.cfg.max_pixels}",
+                hint="use decode_tiled/encode_tiled for larger images or raise the limit",
+            )
+
+    def _tiling(self, params: Params, unit: int) -> Tiling:
+        """tile_y, tile_x, overlap in the op's input units, defaulting to the configured tile."""
+        try:
+            tile_x = int(params.get("tile_x", self.cfg.tile_size // unit))
+            tile_y = int(params.get("tile_y", tile_x))
+            overlap = int(params.get("overlap", self.cfg.tile_overlap // unit))
+        except (TypeError, ValueError):
+            raise BadRequest("tile_x, tile_y and overlap must be integers") from None
+        if min(tile_x, tile_y) < 4 or overlap < 0 or overlap >= min(tile_x, tile_y) // 2:
+            raise BadRequest(
+                f"invalid tiling tile_x={tile_x} tile_y={tile_y} overlap={overlap}",
+                hint="tiles need at least 4 units, and overlap < half the smallest tile side",
+            )
+        return Tiling(tile_y, tile_x, overlap)
+
+    async def serve(self, request: OpRequest[VaeModel]) -> Reply:
+        op, model, tensors, params = request.op, request.model, request.tensors, request.params
+        tiled = op.endswith("_tiled")
+        if op.startswith("decode"):
+            tensor = require_tensor(tensors, "latent", rank=4, dims={1: model.latent_channels})
+            self._check_size(tensor.shape[2] * VAE_SCALE, tensor.shape[3] * VAE_SCALE)
+            tiling = self._tiling(params, VAE_SCALE) if tiled else None
+            output = "image"
+        else:
+            tensor = require_tensor(tensors, "image", rank=4)
+            if tensor.shape[3] not in (3, 4):
+                raise InvalidTensor(
+                    f"image must be [B,H,W,3] (or 4 with alpha), got shape {list(tensor.shape)}"
+                )
+            if tensor.shape[1] < VAE_SCALE or tensor.shape[2] < VAE_SCALE:
+                raise InvalidTensor(
+                    f"image of {tensor.shape[1]}×{tensor.shape[2]} is smaller than one latent pixel"
+                )
+            self._check_size(tensor.shape[1], tensor.shape[2])
+            tiling = self._tiling(params, 1) if tiled else None
+            output = "latent"
+        work = VaeWork(op, model, tensor, tiling, params.get("request_id"), request.sink)
+        return Reply({output: await request.compute(work)}, {"model": model.name})
+
+    def batch_key(self, work: VaeWork) -> Hashable:
+        return VaeKey(work.op, work.model.name, tuple(work.tensor.shape[1:]), work.tensor.dtype, work.tiling)
+
+    # -- compute thread -------------------------------------------------------------------------------
+    def run_batch(self, works: Sequence[VaeWork]) -> list[torch.Tensor]:
+        first = works[0]
+        op, model, tiling = first.op, first.model, first.tiling
+        batch = torch.cat([w.tensor for w in works]).to(self.ctx.device)
+        if op == "decode":
+            out = self._decode_or_tile(model, batch)
+        elif op == "encode":
+            out = model.encode(batch)
+        else:
+            assert tiling is not None
+            decode = op == "decode_tiled"
+            height, width = (batch.shape[2], batch.shape[3]) if decode else batch.shape[1:3]
+            per_image = three_pass_tiles(
+                height, width, tiling.tile_y, tiling.tile_x, tiling.overlap, encode=not decode
+            )
+            tick = self.ctx.progress.tracker([w.request_id for w in works], per_image * batch.shape[0])
+            run = model.decode_tiled if decode else model.encode_tiled
+            out = run(batch, tiling.tile_y, tiling.tile_x, tiling.overlap, on_tile=tick)
+        sizes = [w.rows for w in works]
+        name = "image" if op.startswith("decode") else "latent"
+        return [w.sink.put(name, part) for w, part in zip(works, torch.split(out, sizes), strict=True)]
+
+    def _decode_or_tile(self, model: VaeModel, latent: torch.Tensor) -> torch.Tensor:
+        try:
+            return model.decode(latent)
+        except torch.OutOfMemoryError:
+            pass  # retry outside the handler, so the failed attempt's tensors can be freed first
+        self.oom_fallbacks += 1
+        log.warning("VAE %s: out of memory decoding %s; retrying tiled", model.name, list(latent.shape))
+        torch.cuda.empty_cache()
+        tile = self.cfg.tile_size // VAE_SCALE
+        return model.decode_tiled(latent, tile, tile, self.cfg.tile_overlap // VAE_SCALE)
+
+    def status(self, models: Sequence[VaeModel]) -> dict[str, Any]:
+        return {"oom_fallbacks": self.oom_fallbacks}
+
+
+def build(settings: Settings) -> Service:
+    """The vae service: the server around this family (what `luna-stack serve vae` runs)."""
+    return Service(settings, VaeFamily)
