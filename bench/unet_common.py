@@ -21,7 +21,7 @@ from luna_stack.config import load_settings
 from luna_stack.devtools.embedded import free_port
 from luna_stack.devtools.fixtures import unet_config, write_unet
 from luna_stack.devtools.lora_fixtures import write_lora
-from luna_stack.server.app import create_app
+from luna_stack.server.app import SERVER_OPTIONS, create_app
 from luna_stack.server.service import Service
 from luna_stack.unet.family import build
 from luna_stack.unet.loader import LoadedUnet
@@ -96,7 +96,7 @@ async def serve(args: argparse.Namespace, root: Path, **unet_env: Any) -> AsyncI
     }
     service = build(load_settings(None, env=env))
     port = free_port()
-    runner = web.AppRunner(create_app(service, port))
+    runner = web.AppRunner(create_app(service, port), **SERVER_OPTIONS)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def setup_logging(level: str) -> None:
 def serve(kind: str, config: str | None, host: str | None, port: int | None) -> None:
     from aiohttp import web
 
-    from luna_stack.server.app import create_app
+    from luna_stack.server.app import SERVER_OPTIONS, create_app
 
     settings = load_settings(config)
     changes = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
@@ -48,8 +49,12 @@ def serve(kind: str, config: str | None, host: str | None, port: int | None) -> 
         ", ".join(str(r) for r in service.roots.roots),
     )
     web.run_app(
-        app, host=settings.core.host, port=bind_port, access_log=None, print=None, shutdown_timeout=10
+        app, host=settings.core.host, port=bind_port, print=None, shutdown_timeout=10, **SERVER_OPTIONS
     )
+    if service.executor.busy:
+        # The interpreter would join the compute thread at exit and wait for its forward: leave now.
+        logging.shutdown()
+        os._exit(0)
 
 
 def status(urls: list[str], token: str | None) -> int:

@@ -84,6 +84,23 @@ class CoreSettings:
         choices=("auto", "fp32", "fp16", "bf16"),
     )
     max_body_mb: float = setting(512.0, "Largest request body accepted, in MiB.", minimum=0.001)
+    read_timeout_s: float = setting(
+        30.0, "A request body that sends nothing for this long is answered 408 and dropped.", minimum=0.1
+    )
+    max_client_requests: int = setting(
+        64,
+        "Most requests one client (X-Luna-Client, else its address) may have in flight; 429 beyond.",
+        minimum=1,
+    )
+    max_models: int = setting(
+        8,
+        "Most models resident per service: loading one more unloads the least recently used model that "
+        "is not on the preload list, or is refused when all are.",
+        minimum=1,
+    )
+    max_model_gb: float = setting(
+        0.0, "Most GiB of weights resident per service, evicting as max_models does; 0 = no limit.", minimum=0
+    )
     log_level: str = setting("info", "Logging level.", choices=("debug", "info", "warning", "error"))
     result_ttl_s: int = setting(3600, "How long queued-job results stay in Redis, in seconds.", minimum=1)
     claim_idle_ms: int = setting(

@@ -34,7 +34,7 @@ from luna_stack.server.family import (
 )
 from luna_stack.server.service import Service
 from luna_stack.wire.contract import SIZE_DEFAULTS
-from luna_stack.wire.errors import BadRequest
+from luna_stack.wire.errors import BadRequest, LimitExceeded
 from luna_stack.wire.tensors import dtype_name
 
 from .bpe import shared_bpe
@@ -147,7 +147,13 @@ class ClipFamily(ModelFamily[ClipModel, ClipWork]):
         tokens = part.get("tokens")
         if tokens is None:
             texts = [v for k, v in part.items() if k.startswith("text") and isinstance(v, str)]
-            if sum(map(len, texts)) <= _INLINE_TOKENIZE:  # a thread hop costs more than a short prompt
+            chars = sum(map(len, texts))
+            if chars > self.cfg.max_prompt_chars:
+                raise LimitExceeded(
+                    f"the prompt has {chars} characters; clip.max_prompt_chars={self.cfg.max_prompt_chars}",
+                    hint="shorten it or raise LUNA_CLIP_MAX_PROMPT_CHARS",
+                )
+            if chars <= _INLINE_TOKENIZE:  # a thread hop costs more than a short prompt
                 return self._tokenize_text(model, part)
             return await asyncio.to_thread(self._tokenize_text, model, part)
         if not isinstance(tokens, dict):
@@ -180,7 +186,7 @@ class ClipFamily(ModelFamily[ClipModel, ClipWork]):
             tokens = {k: chunks_to_json(v) for k, v in chunks.items()}
             return Reply({}, {"model": model.name, "tokens": tokens, "warnings": warnings})
         clip_skip = self._clip_skip(params)
-        lora_files = parse_stack(params.get("lora"), self.ctx.roots)
+        lora_files = parse_stack(params.get("lora"), self.ctx.roots, self.cfg.max_loras)
         out_params: Params = {"model": model.name, "family": model.family, **self._size_params(params)}
         if op == "encode":
             cond, pooled, info = await self._encode(request, params, clip_skip, lora_files)

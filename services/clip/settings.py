@@ -30,6 +30,12 @@ class ClipSettings:
     max_chunks: int = setting(
         32, "Longest prompt accepted, in 75-token chunks (ComfyUI has no limit).", minimum=1, maximum=1024
     )
+    max_prompt_chars: int = setting(
+        32768,
+        "Longest prompt accepted, in characters, checked before tokenizing (all texts of a request).",
+        minimum=1,
+    )
+    max_loras: int = setting(16, "Most LoRAs in one request's stack.", minimum=0)
     cache: bool = setting(True, "Keep conditioning in Redis, shared by every replica (needs redis_url).")
     cache_ttl_s: int = setting(7 * 86400, "Lifetime of a cached conditioning entry.", minimum=1)
     lora_cache_mb: int = setting(512, "Device memory for cached CLIP LoRA adapters (LRU).", minimum=1)

@@ -12,7 +12,7 @@ import urllib.request
 
 from aiohttp import web
 
-from luna_stack.server.app import create_app
+from luna_stack.server.app import SERVER_OPTIONS, create_app
 from luna_stack.server.service import Service
 
 
@@ -37,7 +37,7 @@ class EmbeddedService:
         self._thread.start()
 
         async def up() -> None:
-            self._runner = web.AppRunner(create_app(self.service, self.port))
+            self._runner = web.AppRunner(create_app(self.service, self.port), **SERVER_OPTIONS)
             await self._runner.setup()
             await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

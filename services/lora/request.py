@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from luna_stack.weights.paths import ModelRoots
-from luna_stack.wire.errors import BadRequest
+from luna_stack.wire.errors import BadRequest, LimitExceeded
 
 EXAMPLE = '[{"name": "x.safetensors", "strength": 0.8}]'
 
@@ -19,7 +19,10 @@ def parse_stack(raw: Any, roots: ModelRoots, max_loras: int | None = None) -> li
     if not isinstance(raw, list):
         raise BadRequest(f"params.lora must be a list like {EXAMPLE}")
     if max_loras is not None and len(raw) > max_loras:
-        raise BadRequest(f"{len(raw)} LoRAs in one request; at most {max_loras} are allowed")
+        raise LimitExceeded(
+            f"{len(raw)} LoRAs in one request; at most {max_loras} are allowed",
+            hint="raise max_loras in the service's section (LUNA_UNET_MAX_LORAS / LUNA_CLIP_MAX_LORAS)",
+        )
     stack = []
     for item in raw:
         name = item.get("name") if isinstance(item, dict) else None

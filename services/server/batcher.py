@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 from luna_stack.gpu.graph_config import round_up
 from luna_stack.server.executor import GpuExecutor
 from luna_stack.server.metrics import Metrics
+from luna_stack.wire.errors import ClientGone, Unavailable
 
 I = TypeVar("I")  # noqa: E741 - item type
 R = TypeVar("R")
@@ -186,8 +187,10 @@ class Batcher(Generic[I, R]):
         try:
             results = await self._executor.run(self._run, batch[0].key, [p.item for p in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                self._resolve(batch[0], error=exc)
+            if len(batch) == 1 or isinstance(exc, ClientGone | Unavailable):
+                # Alone, or a failure no request caused (everyone left, the service is stopping).
+                for p in batch:
+                    self._resolve(p, error=exc)
             else:
                 log.warning(
                     "%s: batch of %d failed (%s); retrying each request alone", self.op, len(batch), exc

@@ -123,6 +123,8 @@ class OpRequest(Generic[M]):
     client: str
     sink: Sink
     compute: Callable[[Work], Awaitable[Any]] = field(repr=False)  # batch on the server's batcher
+    # True once the client has gone (a long operation checks it between units of work)
+    abandoned: Callable[[], bool] = field(repr=False, default=lambda: False)
 
 
 @dataclass

@@ -3,49 +3,69 @@ limit is rejected while it streams, before it is held in memory whole."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from aiohttp import web
 
+from luna_stack.config import CoreSettings
 from luna_stack.wire.codec import CONTENT_TYPE, decode, encode
-from luna_stack.wire.errors import InvalidBody, PayloadTooLarge
+from luna_stack.wire.errors import PayloadTooLarge, RequestTimeout
+from luna_stack.wire.json_body import parse_object
 
 _CHUNK = 1 << 20
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """Stream the request body into memory, failing as soon as it exceeds `limit` bytes."""
+@dataclass(frozen=True)
+class BodyLimits:
+    max_bytes: int
+    idle_s: float  # longest pause between two parts of a body
+
+    @classmethod
+    def of(cls, core: CoreSettings) -> BodyLimits:
+        return cls(int(core.max_body_mb * (1 << 20)), core.read_timeout_s)
+
+
+async def read_body(request: web.Request, limits: BodyLimits) -> bytes:
+    """Stream the request body into memory, failing as soon as it exceeds `max_bytes`, or when it pauses
+    longer than `idle_s` (a body that declares 400 MiB and sends 10 bytes must not hold a connection)."""
+    limit = limits.max_bytes
     declared = request.content_length
     if declared is not None and declared > limit:
         raise PayloadTooLarge(
-            f"body of {declared} bytes exceeds the limit of {limit} bytes",
-            hint="raise server.max_body_mb or send smaller batches",
+            f"body of {declared} bytes exceeds max_body_mb={limit / (1 << 20):g} MiB",
+            hint="raise max_body_mb (LUNA_MAX_BODY_MB) or send smaller batches",
         )
     buf = bytearray()
-    async for chunk in request.content.iter_chunked(_CHUNK):
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.read(_CHUNK), timeout=limits.idle_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"the request body stalled for {limits.idle_s:g} s after {len(buf)} bytes",
+                hint="read_timeout_s (LUNA_READ_TIMEOUT_S) bounds the pause between parts of a body",
+            ) from None
+        if not chunk:
+            return bytes(buf)
         buf += chunk
         if len(buf) > limit:
             raise PayloadTooLarge(
-                f"body exceeds the limit of {limit} bytes", hint="raise server.max_body_mb or send less"
+                f"body exceeds max_body_mb={limit / (1 << 20):g} MiB",
+                hint="raise max_body_mb (LUNA_MAX_BODY_MB) or send less",
             )
-    return bytes(buf)
 
 
-async def read_tensors(request: web.Request, limit: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+async def read_tensors(
+    request: web.Request, limits: BodyLimits
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if request.content_type == "application/json":
         # Parameter-only calls (no tensors) may send plain JSON.
-        body = await read_body(request, limit)
-        try:
-            params = json.loads(body or b"{}")
-        except json.JSONDecodeError as exc:
-            raise InvalidBody(f"JSON body is invalid: {exc}") from None
-        if not isinstance(params, dict):
-            raise InvalidBody("JSON body must be an object")
-        return {}, params
-    return decode(await read_body(request, limit))
+        body = await read_body(request, limits)
+        return {}, parse_object(body or b"{}", "the JSON body")
+    return decode(await read_body(request, limits))
 
 
 async def write_tensors(

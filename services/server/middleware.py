@@ -3,16 +3,19 @@ bearer token check."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from luna_stack.server.state import SERVICE, STATE
-from luna_stack.wire.contract import OPEN_PATHS
-from luna_stack.wire.errors import LunaError, Unauthorized
+from luna_stack.wire.contract import CLIENT_HEADER, OPEN_PATHS
+from luna_stack.wire.errors import ClientGone, LunaError, TooManyRequests, Unauthorized
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,34 +41,64 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code, status = exc.code, exc.status
         log.info("%s %s -> %d %s: %s", request.method, request.path, exc.status, exc.code, exc.message)
         return web.json_response(exc.to_json(), status=exc.status)
+    except asyncio.CancelledError:
+        code, status = "client_gone", ClientGone.status  # the client disconnected: nothing to answer
+        raise
+    except ConnectionResetError:  # the client went away while its body or reply was in flight
+        code, status = "client_gone", ClientGone.status
+        return web.json_response(ClientGone("the client disconnected").to_json(), status=status)
     except web.HTTPException as exc:
         # aiohttp's own 404/405/...: same JSON shape as everything else.
         code, status = exc.reason.lower().replace(" ", "_"), exc.status
         body = {"error": {"code": code, "message": f"{request.method} {request.path}: {exc.reason}"}}
         return web.json_response(body, status=exc.status)
     except Exception as exc:
+        # A bug, not the client's fault: the reply names only the incident (its text may hold host paths).
         code, status = "internal", 500
-        log.exception("%s %s failed", request.method, request.path)
+        incident = uuid.uuid4().hex[:12]
+        log.exception("%s %s failed (incident %s)", request.method, request.path, incident)
+        message = f"internal error {type(exc).__name__} (incident {incident})"
+        hint = "the service stays up; its log has the traceback under this incident id"
         return web.json_response(
-            {
-                "error": {
-                    "code": "internal",
-                    "message": f"{type(exc).__name__}: {exc}",
-                    "hint": "the service stays up; see its log for the traceback",
-                }
-            },
-            status=500,
+            {"error": {"code": "internal", "message": message, "hint": hint}}, status=500
         )
     finally:
-        outcome = "ok" if status < 400 else "failed"
+        outcome = "ok" if status < 400 else "client_gone" if status == ClientGone.status else "failed"
         service.metrics.requests.labels(route=route, outcome=outcome, code=code).inc()
         service.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
         if route.startswith("/v1/") and not route.startswith("/v1/status"):
-            counts = request.app[STATE].requests
-            if outcome == "ok":
-                counts.ok += 1
-            else:
-                counts.failed += 1
+            request.app[STATE].requests.count(outcome)
+
+
+def client_id(request: web.Request) -> str:
+    """Who sends a request: its X-Luna-Client name (fairness, IPC buffer ownership), else its address."""
+    return request.headers.get(CLIENT_HEADER) or (request.remote or "")
+
+
+def per_client_limit(max_in_flight: int) -> Middleware:
+    """At most `max_in_flight` requests of one client at a time, so one client cannot hold every
+    connection and queue slot; health, status and metrics are never counted or refused."""
+    in_flight: Counter[str] = Counter()
+
+    @web.middleware
+    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/v1/") or request.path == "/v1/status":
+            return await handler(request)
+        client = client_id(request)
+        if in_flight[client] >= max_in_flight:
+            raise TooManyRequests(
+                f"client {client[:64]!r} has {in_flight[client]} requests in flight already",
+                hint="wait for replies first, or raise max_client_requests (LUNA_MAX_CLIENT_REQUESTS)",
+            )
+        in_flight[client] += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight[client] -= 1
+            if not in_flight[client]:
+                del in_flight[client]
+
+    return limit
 
 
 def auth(token: str | None) -> Middleware:

@@ -1,17 +1,31 @@
 """The models a service holds, by canonical name: loaded once (concurrent first requests share the load),
-from the preload list or on first use, listed, and unloaded on request."""
+from the preload list or on first use, listed, and unloaded on request.
+
+The set is bounded (`max_models`, `max_model_gb`): making room unloads the least recently used model that
+is not on the preload list; when only preloaded models are left to unload, the new load is refused with
+the setting to raise. Requests that already hold an unloaded model still finish with it."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from luna_stack.server.executor import GpuExecutor
 from luna_stack.weights.paths import ModelRoots
-from luna_stack.wire.errors import BadRequest, UnknownModel
+from luna_stack.wire.errors import BadRequest, LimitExceeded, UnknownModel
 
 M = TypeVar("M")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelBudget:
+    max_models: int
+    max_bytes: int  # 0: no limit
 
 
 class ResidentModels(Generic[M]):
@@ -24,15 +38,21 @@ class ResidentModels(Generic[M]):
         load: Callable[[str], M],
         *,
         load_on_demand: bool,
+        budget: ModelBudget,
+        size_of: Callable[[M], int],
     ):
         self.kind = kind
         self.roots = roots
         self.folders = tuple(folders)
         self._executor = executor
         self._load = load  # runs on the compute thread with the canonical name
+        self._size_of = size_of
         self.load_on_demand = load_on_demand
-        self._models: dict[str, M] = {}
+        self.budget = budget
+        self.pinned: set[str] = set()  # canonical names of the preload list: never evicted
+        self._models: OrderedDict[str, M] = OrderedDict()  # least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
+        self.evictions = 0
 
     def canonical(self, name: str) -> str:
         """One name per file (or '+'-joined set of files): root-relative paths, sorted."""
@@ -54,6 +74,7 @@ class ResidentModels(Generic[M]):
             raise BadRequest("params.model must be a string")
         key = self.canonical(name)
         if key in self._models:
+            self._models.move_to_end(key)
             return self._models[key]
         if not (preload or self.load_on_demand):
             raise UnknownModel(
@@ -62,11 +83,41 @@ class ResidentModels(Generic[M]):
             )
         async with self._locks.setdefault(key, asyncio.Lock()):
             if key not in self._models:
-                self._models[key] = await self._executor.run(self._load, key)
+                self._make_room(key, incoming=1)
+                model = await self._executor.run(self._load, key)
+                self._models[key] = model
+                if preload:
+                    self.pinned.add(key)
+                self._make_room(key, incoming=0)
+        self._models.move_to_end(key)
         return self._models[key]
 
-    def loaded(self, key: str) -> M:
-        return self._models[key]
+    def _resident_bytes(self) -> int:
+        return sum(self._size_of(m) for m in self._models.values())
+
+    def _make_room(self, key: str, *, incoming: int) -> None:
+        """Unload least recently used, unpinned models until `incoming` more models and the resident
+        bytes fit the budget (bytes are known once loaded: this runs again after each load); refuse,
+        dropping `key` if it was just loaded, when they cannot."""
+        budget = self.budget
+
+        def over() -> bool:
+            too_many = len(self._models) + incoming > budget.max_models
+            return too_many or bool(budget.max_bytes and self._resident_bytes() > budget.max_bytes)
+
+        while over():
+            victim = next((k for k in self._models if k != key and k not in self.pinned), None)
+            if victim is None:
+                self._models.pop(key, None)
+                raise LimitExceeded(
+                    f"cannot make {self.kind} model {key!r} resident: {len(self._models)} models "
+                    f"({self._resident_bytes() / 2**30:.1f} GiB) are resident "
+                    f"and none can be unloaded",
+                    hint="raise max_models / max_model_gb (LUNA_MAX_MODELS, LUNA_MAX_MODEL_GB) or unload one",
+                )
+            del self._models[victim]
+            self.evictions += 1
+            log.info("%s: unloaded %s (least recently used) to make room for %s", self.kind, victim, key)
 
     def __iter__(self) -> Iterator[M]:
         return iter(list(self._models.values()))
@@ -78,4 +129,6 @@ class ResidentModels(Generic[M]):
         return [f"{folder}/{n}" for folder in self.folders for n in self.roots.list([folder])]
 
     async def unload(self, name: str) -> bool:
-        return self._models.pop(self.canonical(name), None) is not None
+        key = self.canonical(name)
+        self.pinned.discard(key)
+        return self._models.pop(key, None) is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import re
 import time
 from typing import Any
 
@@ -16,19 +18,17 @@ from luna_stack.gpu.nvml import nvml_status
 from luna_stack.jobs.queue import JobQueue
 from luna_stack.server import http_body
 from luna_stack.server.ipc import HOST
+from luna_stack.server.middleware import client_id
 from luna_stack.server.state import SERVICE, STATE
 from luna_stack.wire import codec
-from luna_stack.wire.contract import CLIENT_HEADER
-from luna_stack.wire.errors import BadRequest, LunaError, NotFound, Unavailable
+from luna_stack.wire.errors import BadRequest, LunaError, NoQueue, NotFound, UnknownJob
 from luna_stack.wire.ipc import PARAM as IPC_PARAM
 
-
-def client_id(request: web.Request) -> str:
-    return request.headers.get(CLIENT_HEADER) or (request.remote or "")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def _body_limit(request: web.Request) -> int:
-    return int(request.app[SERVICE].settings.core.max_body_mb * (1 << 20))
+def _body_limit(request: web.Request) -> http_body.BodyLimits:
+    return http_body.BodyLimits.of(request.app[SERVICE].settings.core)
 
 
 # -- operations ---------------------------------------------------------------------------------------
@@ -39,15 +39,19 @@ async def run_op(request: web.Request) -> web.StreamResponse:
     client = client_id(request)
     tensors, params = await http_body.read_tensors(request, _body_limit(request))
     spec = params.pop(IPC_PARAM, None)
+
+    def abandoned() -> bool:
+        return request.transport is None or request.transport.is_closing()
+
     if spec is None:
         service.metrics.transport.labels(transport="http").inc()
-        out, out_params = await service.run_op(op, tensors, params, client, HOST)
+        out, out_params = await service.run_op(op, tensors, params, client, HOST, abandoned)
         return await http_body.write_tensors(request, out, out_params)
     service.metrics.transport.labels(transport="ipc").inc()
     async with service.ipc.request(spec, client) as (inputs, sink):
         if clash := sorted(set(inputs) & set(tensors)):
             raise BadRequest(f"tensors {clash} were sent both in the body and through IPC")
-        out, out_params = await service.run_op(op, {**tensors, **inputs}, params, client, sink)
+        out, out_params = await service.run_op(op, {**tensors, **inputs}, params, client, sink, abandoned)
         if any(name not in sink.placed for name in out):
             await service.ipc.put_rest(sink, out)
     body = {name: t for name, t in out.items() if name not in sink.placed}
@@ -101,7 +105,7 @@ async def delete_model(request: web.Request) -> web.Response:
 def _queue(request: web.Request) -> JobQueue:
     queue = request.app[STATE].queue
     if queue is None:
-        raise Unavailable(
+        raise NoQueue(
             "queued jobs need Redis, and this replica has no redis_url",
             hint="set LUNA_REDIS_URL, or call POST /v1/<kind>/<op> synchronously",
         )
@@ -125,6 +129,8 @@ async def submit_job(request: web.Request) -> web.Response:
 async def job_result(request: web.Request) -> web.StreamResponse:
     queue = _queue(request)
     job_id = request.match_info["job_id"]
+    if not _JOB_ID.fullmatch(job_id):
+        raise UnknownJob(f"no job {job_id[:80]!r}", hint="job ids are the 32 hex digits submit returned")
     try:
         wait_s = float(request.query.get("wait", "0"))
     except ValueError:
@@ -186,7 +192,7 @@ async def status(request: web.Request) -> web.Response:
         "address": state.address,
         "models": service.models(),
         "queue": queue_info,
-        "requests": {"ok": state.requests.ok, "failed": state.requests.failed},
+        "requests": dataclasses.asdict(state.requests),
         "redis": state.redis is not None,
         "gpu": nvml_status(),
         "ipc": service.ipc.describe(),

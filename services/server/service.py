@@ -8,7 +8,7 @@ import gc
 import os
 import socket
 import uuid
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +21,7 @@ from luna_stack.server.family import ModelFamily, OpRequest, Params, ServiceCont
 from luna_stack.server.ipc import IpcBuffers, Sink
 from luna_stack.server.metrics import Metrics
 from luna_stack.server.progress import ProgressTable
-from luna_stack.server.resident import ResidentModels
+from luna_stack.server.resident import ModelBudget, ResidentModels
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.contract import DEFAULT_PORTS
 from luna_stack.wire.errors import NotFound
@@ -64,6 +64,8 @@ class Service:
             self.executor,
             self.family.load,
             load_on_demand=self.family.load_on_demand,
+            budget=ModelBudget(settings.core.max_models, int(settings.core.max_model_gb * 2**30)),
+            size_of=lambda model: int(self.family.describe_model(model).get("bytes", 0)),
         )
         policy = self.family.batching
         self.batcher: Batcher[Work, Any] = Batcher(
@@ -78,7 +80,13 @@ class Service:
 
     # -- requests ---------------------------------------------------------------------------------------
     async def run_op(
-        self, op: str, tensors: Tensors, params: Params, client: str, sink: Sink
+        self,
+        op: str,
+        tensors: Tensors,
+        params: Params,
+        client: str,
+        sink: Sink,
+        abandoned: Callable[[], bool] = lambda: False,
     ) -> tuple[Tensors, Params]:
         """POST /v1/<kind>/<op> and queued jobs both land here. Outputs go through `sink.put` on the
         compute thread (to the host, or into the client's IPC buffer); an output returned without it is
@@ -95,7 +103,9 @@ class Service:
             key = self.family.batch_key(work)
             return await self.batcher.enqueue(key, work, rows=work.rows, client=client)
 
-        reply = await self.family.serve(OpRequest(op, model, tensors, params, client, sink, compute))
+        reply = await self.family.serve(
+            OpRequest(op, model, tensors, params, client, sink, compute, abandoned)
+        )
         return reply.tensors, reply.params
 
     def _run_batch(self, _key: Hashable, works: list[Work]) -> list[Any]:

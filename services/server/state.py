@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 class RequestCounts:
     ok: int = 0
     failed: int = 0
+    client_gone: int = 0  # disconnected before their reply: dropped, not failed
+
+    def count(self, outcome: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
 
 
 @dataclass

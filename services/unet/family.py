@@ -38,7 +38,8 @@ from luna_stack.server.family import (
 )
 from luna_stack.server.ipc import Sink
 from luna_stack.server.service import Service
-from luna_stack.wire.errors import BadRequest
+from luna_stack.wire.contract import VAE_SCALE
+from luna_stack.wire.errors import BadRequest, InvalidTensor, LimitExceeded
 from luna_stack.wire.tensors import dtype_name, require_tensor
 
 from .loader import LoadedUnet, load_unet
@@ -47,6 +48,7 @@ from .step import check_control, control_from_wire, input_block_shapes
 from .step_runner import build_runner, step_shape, warm_up_shapes
 
 log = logging.getLogger(__name__)
+MIN_LATENT = 8  # latent pixels a side: below, the UNet's downsampling leaves nothing to upsample from
 _STEP = OpSpec(
     "step",
     "one sampling step: ComfyUI's diffusion_model(x, timesteps, context, y, control)",
@@ -149,6 +151,18 @@ class UnetFamily(ModelFamily[LoadedUnet, Step]):
             raise BadRequest(
                 f"a step of {rows} rows exceeds unet.max_batch={self.cfg.max_batch}",
                 hint="split the batch or raise LUNA_UNET_MAX_BATCH",
+            )
+        if min(x.shape[2], x.shape[3]) < MIN_LATENT:
+            raise InvalidTensor(
+                f"a latent of {x.shape[2]}×{x.shape[3]} is smaller than {MIN_LATENT}×{MIN_LATENT}",
+                hint=f"images of at least {MIN_LATENT * VAE_SCALE} pixels a side",
+            )
+        latent = rows * x.shape[2] * x.shape[3]
+        if latent > self.cfg.max_latent_pixels:
+            raise LimitExceeded(
+                f"a step of {rows}×{x.shape[2]}×{x.shape[3]} latent pixels exceeds "
+                f"unet.max_latent_pixels={self.cfg.max_latent_pixels}",
+                hint="send fewer rows per step or raise LUNA_UNET_MAX_LATENT_PIXELS",
             )
         timesteps = require_tensor(tensors, "timesteps", rank=1, dims={0: rows})
         context = require_tensor(tensors, "context", rank=3, dims={0: rows, 2: model.context_dim})

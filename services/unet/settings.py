@@ -39,6 +39,12 @@ class UnetSettings:
     max_delay_ms: float = setting(
         4.0, "How long a step may wait for other clients' steps to join its batch.", minimum=0
     )
+    max_latent_pixels: int = setting(
+        512 * 1024,
+        "Most latent pixels one step may carry, rows × height × width (512 Ki: 8 rows of a 2048² "
+        "image's 256² latent).",
+        minimum=64,
+    )
     lora_cache_mb: float = setting(2048.0, "Device memory for cached LoRA adapters, in MiB.", minimum=1)
     max_loras: int = setting(16, "Most LoRAs in one request's stack.", minimum=0)
     graphs: bool = graphs_setting("steps")

@@ -6,7 +6,7 @@ of GPU memory is retried tiled."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +25,7 @@ from luna_stack.server.family import (
 from luna_stack.server.ipc import Sink
 from luna_stack.server.service import Service
 from luna_stack.wire.contract import VAE_SCALE
-from luna_stack.wire.errors import BadRequest, InvalidTensor
+from luna_stack.wire.errors import BadRequest, ClientGone, InvalidTensor, LimitExceeded, Unavailable
 from luna_stack.wire.tensors import require_tensor
 
 from .model import VaeModel, load_vae
@@ -36,6 +36,18 @@ log = logging.getLogger(__name__)
 _LATENT = TensorSpec("latent", "raw (unscaled) latent [B,C,H/8,W/8], ComfyUI's LATENT samples")
 _IMAGE = TensorSpec("image", "IMAGE [B,H,W,3] in 0..1 (a 4th alpha channel is dropped)")
 _TILING = " Params tile_x, tile_y, overlap in the input's units; request_id for progress."
+MIN_TILE = 64  # pixels: ComfyUI's VAEDecodeTiled / VAEEncodeTiled minimum
+
+
+def _integer(value: Any, name: str) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != value
+        or abs(value) > 1 << 20
+    ):
+        raise BadRequest(f"{name} must be an integer number of units, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -62,6 +74,7 @@ class VaeWork:
     tiling: Tiling | None
     request_id: str | None
     sink: Sink
+    abandoned: Callable[[], bool]
 
     @property
     def rows(self) -> int:
@@ -93,34 +106,49 @@ class VaeFamily(ModelFamily[VaeModel, VaeWork]):
         return load_vae(name, self.ctx.roots.resolve(name, self.folders), self.ctx.device, self.ctx.dtype)
 
     # -- requests -------------------------------------------------------------------------------------
-    def _check_size(self, height: int, width: int) -> None:
-        if height * width > self.cfg.max_pixels:
-            raise InvalidTensor(
-                f"image of {height}×{width} pixels exceeds vae.max_pixels={self.cfg.max_pixels}",
-                hint="use decode_tiled/encode_tiled for larger images or raise the limit",
+    def _check_pixels(self, rows: int, height: int, width: int, tiled: bool) -> None:
+        limit, key = (
+            (self.cfg.max_tiled_pixels, "max_tiled_pixels") if tiled else (self.cfg.max_pixels, "max_pixels")
+        )
+        if rows * height * width > limit:
+            raise LimitExceeded(
+                f"{rows} image(s) of {height}×{width} pixels exceed vae.{key}={limit} pixels per request",
+                hint=("use decode_tiled/encode_tiled for larger images, " if not tiled else "")
+                + f"send fewer images per request or raise LUNA_VAE_{key.upper()}",
             )
 
     def _tiling(self, params: Params, unit: int) -> Tiling:
-        """tile_y, tile_x, overlap in the op's input units, defaulting to the configured tile."""
-        try:
-            tile_x = int(params.get("tile_x", self.cfg.tile_size // unit))
-            tile_y = int(params.get("tile_y", tile_x))
-            overlap = int(params.get("overlap", self.cfg.tile_overlap // unit))
-        except (TypeError, ValueError):
-            raise BadRequest("tile_x, tile_y and overlap must be integers") from None
-        if min(tile_x, tile_y) < 4 or overlap < 0 or overlap >= min(tile_x, tile_y) // 2:
+        """tile_y, tile_x, overlap in the op's input units (latent pixels for decode, pixels for encode),
+        defaulting to the configured tile. Tiles are at least MIN_TILE pixels, as ComfyUI's nodes allow."""
+        tile_x = _integer(params.get("tile_x", self.cfg.tile_size // unit), "tile_x")
+        tile_y = _integer(params.get("tile_y", tile_x), "tile_y")
+        overlap = _integer(params.get("overlap", self.cfg.tile_overlap // unit), "overlap")
+        smallest = MIN_TILE // unit
+        if min(tile_x, tile_y) < smallest or overlap < 0 or overlap >= min(tile_x, tile_y) // 2:
             raise BadRequest(
                 f"invalid tiling tile_x={tile_x} tile_y={tile_y} overlap={overlap}",
-                hint="tiles need at least 4 units, and overlap < half the smallest tile side",
+                hint=f"tiles need at least {smallest} units ({MIN_TILE} pixels), and 0 <= overlap < half the "
+                "smallest tile side",
             )
         return Tiling(tile_y, tile_x, overlap)
+
+    def _check_tiles(self, rows: int, height: int, width: int, tiling: Tiling, encode: bool) -> None:
+        per_image = three_pass_tiles(
+            height, width, tiling.tile_y, tiling.tile_x, tiling.overlap, encode=encode
+        )
+        if per_image * rows > self.cfg.max_tiles:
+            raise LimitExceeded(
+                f"this tiling runs {per_image * rows} tiles; vae.max_tiles={self.cfg.max_tiles}",
+                hint="use larger tiles or raise LUNA_VAE_MAX_TILES",
+            )
 
     async def serve(self, request: OpRequest[VaeModel]) -> Reply:
         op, model, tensors, params = request.op, request.model, request.tensors, request.params
         tiled = op.endswith("_tiled")
         if op.startswith("decode"):
             tensor = require_tensor(tensors, "latent", rank=4, dims={1: model.latent_channels})
-            self._check_size(tensor.shape[2] * VAE_SCALE, tensor.shape[3] * VAE_SCALE)
+            rows, height, width = tensor.shape[0], tensor.shape[2], tensor.shape[3]
+            self._check_pixels(rows, height * VAE_SCALE, width * VAE_SCALE, tiled)
             tiling = self._tiling(params, VAE_SCALE) if tiled else None
             output = "image"
         else:
@@ -129,14 +157,18 @@ class VaeFamily(ModelFamily[VaeModel, VaeWork]):
                 raise InvalidTensor(
                     f"image must be [B,H,W,3] (or 4 with alpha), got shape {list(tensor.shape)}"
                 )
-            if tensor.shape[1] < VAE_SCALE or tensor.shape[2] < VAE_SCALE:
-                raise InvalidTensor(
-                    f"image of {tensor.shape[1]}×{tensor.shape[2]} is smaller than one latent pixel"
-                )
-            self._check_size(tensor.shape[1], tensor.shape[2])
+            rows, height, width = tensor.shape[0], tensor.shape[1], tensor.shape[2]
+            if height < VAE_SCALE or width < VAE_SCALE:
+                raise InvalidTensor(f"image of {height}×{width} is smaller than one latent pixel")
+            self._check_pixels(rows, height, width, tiled)
             tiling = self._tiling(params, 1) if tiled else None
             output = "latent"
-        work = VaeWork(op, model, tensor, tiling, params.get("request_id"), request.sink)
+        if tiling is not None:
+            self._check_tiles(rows, height, width, tiling, encode=output == "latent")
+        request_id = params.get("request_id")
+        if request_id is not None and not (isinstance(request_id, str) and 0 < len(request_id) <= 128):
+            raise BadRequest("params.request_id must be a string of 1 to 128 characters")
+        work = VaeWork(op, model, tensor, tiling, request_id, request.sink, request.abandoned)
         return Reply({output: await request.compute(work)}, {"model": model.name})
 
     def batch_key(self, work: VaeWork) -> Hashable:
@@ -158,7 +190,15 @@ class VaeFamily(ModelFamily[VaeModel, VaeWork]):
             per_image = three_pass_tiles(
                 height, width, tiling.tile_y, tiling.tile_x, tiling.overlap, encode=not decode
             )
-            tick = self.ctx.progress.tracker([w.request_id for w in works], per_image * batch.shape[0])
+            progress = self.ctx.progress.tracker([w.request_id for w in works], per_image * batch.shape[0])
+
+            def tick() -> None:
+                progress()
+                if self.ctx.executor.stopping.is_set():
+                    raise Unavailable("the service is shutting down", hint="send the request again")
+                if all(w.abandoned() for w in works):
+                    raise ClientGone("every client of this tiled batch has gone: stopped between tiles")
+
             run = model.decode_tiled if decode else model.encode_tiled
             out = run(batch, tiling.tile_y, tiling.tile_x, tiling.overlap, on_tile=tick)
         sizes = [w.rows for w in works]

@@ -21,5 +21,16 @@ class VaeSettings:
     )
     tile_overlap: int = setting(64, "Default tile overlap in pixels.", minimum=0)
     max_pixels: int = setting(
-        64 * 1024 * 1024, "Largest image (height × width) a request may produce or send.", minimum=64 * 64
+        16 * 1024 * 1024,
+        "Most pixels (batch × height × width) one untiled decode or encode may produce or send "
+        "(16 Mi: four 2048² images).",
+        minimum=64 * 64,
+    )
+    max_tiled_pixels: int = setting(
+        256 * 1024 * 1024,
+        "Most pixels (batch × height × width) one tiled decode or encode may cover (256 Mi: four 8K images).",
+        minimum=64 * 64,
+    )
+    max_tiles: int = setting(
+        8192, "Most tiles one tiled request may run (three passes × tiles per pass × batch).", minimum=3
     )

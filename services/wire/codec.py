@@ -17,6 +17,7 @@ from safetensors.torch import save as st_save
 
 from luna_stack.wire.contract import CONTENT_TYPE
 from luna_stack.wire.errors import InvalidBody
+from luna_stack.wire.json_body import parse_object
 
 PARAMS_KEY = "luna"
 # safetensors caps its JSON header at 100 MB; we accept far less: a header is names, shapes and params.
@@ -48,24 +49,16 @@ def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             f"safetensors header claims {header_len} bytes but the body has {len(blob) - 8}",
             hint="the body was truncated or is not safetensors",
         )
-    try:
-        header = json.loads(blob[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidBody(f"safetensors header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise InvalidBody("safetensors header must be a JSON object")
+    header = parse_object(blob[8 : 8 + header_len], "the safetensors header")
     try:
         tensors = st_load(blob)
     except Exception as exc:  # safetensors raises its own SafetensorError for every malformed case
         raise InvalidBody(f"malformed safetensors body: {exc}") from None
-    raw = (header.get("__metadata__") or {}).get(PARAMS_KEY, "{}")
-    try:
-        params = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidBody(f"request parameters are not valid JSON: {exc}") from None
-    if not isinstance(params, dict):
-        raise InvalidBody("request parameters must be a JSON object")
-    return tensors, params
+    metadata = header.get("__metadata__") or {}
+    raw = metadata.get(PARAMS_KEY, "{}") if isinstance(metadata, dict) else None
+    if not isinstance(raw, str):
+        raise InvalidBody(f'__metadata__["{PARAMS_KEY}"] must be a JSON string of the request parameters')
+    return tensors, parse_object(raw, "the request parameters")
 
 
 __all__ = ["CONTENT_TYPE", "PARAMS_KEY", "decode", "encode"]

@@ -73,6 +73,36 @@ class UnknownIpcBuffer(NotFound):
     code = "unknown_ipc_buffer"
 
 
+class LimitExceeded(BadRequest):
+    """A request over a cost limit: the message names the limit and the setting that raises it."""
+
+    code = "limit_exceeded"
+
+
+class TooManyRequests(LunaError):
+    status = 429
+    code = "too_many_requests"
+
+
+class RequestTimeout(LunaError):
+    status = 408
+    code = "request_timeout"
+
+
+class ClientGone(LunaError):
+    """The client disconnected before its request ran: dropped, never computed (nginx's 499)."""
+
+    status = 499
+    code = "client_gone"
+
+
+class NoQueue(LunaError):
+    """Queued jobs asked of a replica started without Redis."""
+
+    status = 409
+    code = "no_queue"
+
+
 class IpcUnavailable(LunaError):
     """CUDA IPC cannot work between this client and service; the client falls back to HTTP."""
 
