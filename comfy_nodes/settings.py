@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from luna_stack.jobs.redis import redacted
+
 KINDS = ("clip", "vae", "unet")
 
 
@@ -29,5 +31,5 @@ class PackSettings:
         if self.urls[kind]:
             return f"{self.urls[kind]} (LUNA_{kind.upper()}_URL)"
         if self.redis_url:
-            return f"the Redis registry at {self.redis_url} (LUNA_REDIS_URL)"
+            return f"the Redis registry at {redacted(self.redis_url)} (LUNA_REDIS_URL)"
         return f"the default local port (set LUNA_{kind.upper()}_URL or LUNA_REDIS_URL)"

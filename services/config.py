@@ -90,6 +90,12 @@ class CoreSettings:
         minimum=100,
     )
     job_max_attempts: int = setting(3, "Deliveries of one queued job before it is failed.", minimum=1)
+    local_redis_maxmemory_mb: int = setting(
+        2048,
+        "`luna-stack run` only: maxmemory of the redis-server it starts, with policy volatile-lru, so "
+        "only keys with a TTL (caches, heartbeats) are ever evicted, never queued jobs or results.",
+        minimum=16,
+    )
     ipc_idle_s: float = setting(
         900.0,
         "A client's CUDA IPC buffer unused this long is unmapped (the client maps it again on its next "
