@@ -90,6 +90,18 @@ class CoreSettings:
         minimum=100,
     )
     job_max_attempts: int = setting(3, "Deliveries of one queued job before it is failed.", minimum=1)
+    job_ttl_s: int = setting(
+        3600,
+        "A queued job that waited this long for a replica (or whose replica stopped renewing it this "
+        "long ago) fails as expired and its input is deleted from Redis.",
+        minimum=1,
+    )
+    max_job_mb: float = setting(
+        128.0,
+        "Largest queued-job body, in MiB: job bodies sit in Redis until a replica finishes them; "
+        "bigger ones get 413 (synchronous calls are limited by max_body_mb only).",
+        minimum=0.001,
+    )
     local_redis_maxmemory_mb: int = setting(
         2048,
         "`luna-stack run` only: maxmemory of the redis-server it starts, with policy volatile-lru, so "

@@ -175,6 +175,8 @@ def _queue(request: web.Request) -> JobQueue:
 async def _submit_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     op = request.match_info["op"]
+    if (queue := request.app[STATE].get("queue")) is not None:
+        queue.check_size(request.content_length)  # max_job_mb, before the body is read
     blob = await http_body.read_body(request, _body_limit(request))
     _tensors, params = codec.decode(blob)  # reject a malformed body now, not later in a worker
     if IPC_PARAM in params:
@@ -371,8 +373,10 @@ async def _on_startup(app: web.Application) -> None:
             redis,
             service.kind,
             result_ttl_s=core.result_ttl_s,
+            job_ttl_s=core.job_ttl_s,
             claim_idle_ms=core.claim_idle_ms,
             max_attempts=core.job_max_attempts,
+            max_job_mb=core.max_job_mb,
         )
         app[STATE]["queue"] = queue
         worker = QueueWorker(
