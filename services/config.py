@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import ipaddress
 import os
 import types
 import typing
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from luna_stack.wire.contract import is_loopback
 from luna_stack.wire.errors import ConfigError
 
 ENV_PREFIX = "LUNA_"
@@ -220,18 +220,9 @@ def _check_bounds(obj: Any, prefix: str, env_prefix: str) -> None:
             raise ConfigError(f"{key} must be <= {meta['maximum']}, got {value!r} ({env_name})")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _validate_core(core: CoreSettings) -> None:
     _check_bounds(core, "", ENV_PREFIX)
-    if not _is_loopback(core.host) and not core.token:
+    if not is_loopback(core.host) and not core.token:
         raise ConfigError(
             f"host is {core.host!r} (reachable from other machines) but no token is set: "
             f"set LUNA_TOKEN (clients send it as a bearer token) or bind 127.0.0.1"

@@ -386,7 +386,7 @@ async def _on_startup(app: web.Application) -> None:
             on_outcome=lambda outcome: service.metrics.jobs.labels(outcome=outcome).inc(),
         )
         app[STATE]["worker"] = worker
-        app[STATE]["registry"] = Registry(redis)
+        app[STATE]["registry"] = Registry(redis, token=core.token)
         tasks.append(asyncio.create_task(_start_worker_when_ready(app, worker)))
         tasks.append(asyncio.create_task(_heartbeat(app, app[STATE]["registry"])))
     app[STATE]["tasks"] = tasks
