@@ -70,7 +70,7 @@ class ClipService(ModelService):
         self.resident = ResidentModels(
             "clip", self.roots, FOLDERS, self.executor, self._load, load_on_demand=self.cfg.load_on_demand
         )
-        self.embeddings = EmbeddingStore(root / "embeddings" for root in self.roots.roots)
+        self.embeddings = EmbeddingStore(self.roots)
         self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, self.device, self.dtype)
         self.cache: ConditioningCache | None = None
         self.graph_cfg = self.cfg.graph
