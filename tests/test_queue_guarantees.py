@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from luna_stack.client.http import AsyncClient
@@ -18,7 +19,7 @@ from luna_stack.jobs.redis import connect
 from luna_stack.jobs.worker import QueueWorker
 from luna_stack.vae.service import build
 from luna_stack.wire import keys
-from luna_stack.wire.errors import JobTimeout
+from luna_stack.wire.errors import JobTimeout, UnknownJob
 
 from .conftest import make_settings
 
@@ -225,3 +226,14 @@ async def test_redis_sigkilled_and_restarted_under_load_loses_no_job(
 
 def _latent(seed: int, size: int = 16) -> torch.Tensor:
     return torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+async def test_a_job_id_naming_another_key_is_unknown_not_an_error(redis_url: str) -> None:
+    redis = connect(redis_url)
+    queue = JobQueue(redis, "t")
+    job_id = await queue.submit("op", b"x")
+    for bad in (f"{job_id}:done", f"{job_id}:in", "../x", "A" * 32, ""):
+        with pytest.raises(UnknownJob, match="not a job id"):
+            await queue.state(bad)
+    assert (await queue.state(job_id))["state"] == "queued"
+    await redis.aclose()

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,7 @@ T = TypeVar("T")
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.05, 2.0
 _SWEEP_BATCH = 200
+_JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, what submit hands out
 
 # Idempotent: a client library's retry after a lost reply must not queue the job a second time.
 _SUBMIT = """
@@ -377,6 +379,8 @@ class JobQueue:
         return expired, removed
 
     async def state(self, job_id: str) -> dict[str, str]:
+        if not _JOB_ID.fullmatch(job_id):  # e.g. '<id>:done' would name another key of the job
+            raise UnknownJob(f"{job_id[:80]!r} is not a job id", hint="job ids are 32 hex digits")
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self._key(job_id))
             pipe.zscore(self.expiry, job_id)
