@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from luna_stack.jobs.redis import redacted
 from luna_stack.wire.contract import KINDS
 
 
@@ -29,5 +30,5 @@ class PackSettings:
         if self.urls[kind]:
             return f"{self.urls[kind]} (LUNA_{kind.upper()}_URL)"
         if self.redis_url:
-            return f"the Redis registry at {self.redis_url} (LUNA_REDIS_URL)"
+            return f"the Redis registry at {redacted(self.redis_url)} (LUNA_REDIS_URL)"
         return f"the default local port (set LUNA_{kind.upper()}_URL or LUNA_REDIS_URL)"

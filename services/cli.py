@@ -57,13 +57,40 @@ def serve(kind: str, config: str | None, host: str | None, port: int | None) -> 
         os._exit(0)
 
 
-def status(urls: list[str], token: str | None) -> int:
+def status(urls: list[str], token: str | None, redis_url: str | None = None) -> int:
+    """Print the status of the services at `urls`; with none, of the replicas the Redis registry lists
+    (authenticated entries only: skipped ones are listed with the reason), else of the default ports."""
     from luna_stack.client.http import AsyncClient
     from luna_stack.wire.contract import DEFAULT_PORTS
 
+    token = token or os.environ.get("LUNA_TOKEN") or None
+
+    async def discover(out: dict[str, object]) -> list[str]:
+        from luna_stack.jobs.redis import connect
+        from luna_stack.jobs.registry import Registry
+
+        redis = connect(redis_url)
+        try:
+            registry = Registry(redis, token=token)
+            targets, skipped = [], []
+            for kind in KINDS:
+                live, bad = await registry.entries(kind)
+                targets += [replica.url for replica in live]
+                skipped += [vars(entry) for entry in bad]
+        finally:
+            await redis.aclose()
+        if skipped:
+            out["registry_skipped"] = skipped
+        return targets
+
     async def collect() -> dict[str, object]:
         out: dict[str, object] = {}
-        targets = urls or [f"http://127.0.0.1:{port}" for port in DEFAULT_PORTS.values()]
+        if urls:
+            targets = urls
+        elif redis_url:
+            targets = await discover(out)
+        else:
+            targets = [f"http://127.0.0.1:{port}" for port in DEFAULT_PORTS.values()]
         for url in targets:
             async with AsyncClient("vae", url=url, token=token) as client:
                 try:
@@ -104,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p_fix.add_argument("--families", default="sd15,sdxl")
 
     p_status = sub.add_parser("status", help="print the status of running services")
-    p_status.add_argument("urls", nargs="*", help="service URLs (default: the local default ports)")
-    p_status.add_argument("--token")
+    p_status.add_argument(
+        "urls", nargs="*", help="service URLs (default: the replicas in the Redis registry, else local ports)"
+    )
+    p_status.add_argument("--token", help="bearer token (default: $LUNA_TOKEN)")
+    p_status.add_argument("--redis", help="Redis URL of the registry (default: $LUNA_REDIS_URL)")
 
     sub.add_parser("config", help="print every configuration key as a markdown table")
     sub.add_parser(
@@ -141,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("info")
             return main_fixtures(args.out, size=args.size, families=tuple(args.families.split(",")))
         if args.command == "status":
-            return status(args.urls, args.token)
+            return status(args.urls, args.token, args.redis or os.environ.get("LUNA_REDIS_URL"))
         if args.command == "config":
             print(settings_table())
             return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import ipaddress
 import os
 import types
 import typing
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from luna_stack.wire.contract import DEFAULT_PORTS, KINDS
+from luna_stack.wire.contract import DEFAULT_PORTS, KINDS, is_loopback
 from luna_stack.wire.errors import ConfigError
 
 ENV_PREFIX = "LUNA_"
@@ -109,6 +108,24 @@ class CoreSettings:
         minimum=100,
     )
     job_max_attempts: int = setting(3, "Deliveries of one queued job before it is failed.", minimum=1)
+    job_ttl_s: int = setting(
+        3600,
+        "A queued job that waited this long for a replica (or whose replica stopped renewing it this "
+        "long ago) fails as expired and its input is deleted from Redis.",
+        minimum=1,
+    )
+    max_job_mb: float = setting(
+        128.0,
+        "Largest queued-job body, in MiB: job bodies sit in Redis until a replica finishes them; "
+        "bigger ones get 413 (synchronous calls are limited by max_body_mb only).",
+        minimum=0.001,
+    )
+    local_redis_maxmemory_mb: int = setting(
+        2048,
+        "`luna-stack run` only: maxmemory of the redis-server it starts, with policy volatile-lru, so "
+        "only keys with a TTL (caches, heartbeats) are ever evicted, never queued jobs or results.",
+        minimum=16,
+    )
     ipc_idle_s: float = setting(
         900.0,
         "A client's CUDA IPC buffer unused this long is unmapped (the client maps it again on its next "
@@ -221,18 +238,9 @@ def _check_bounds(obj: Any, prefix: str, env_prefix: str) -> None:
             raise ConfigError(f"{key} must be <= {meta['maximum']}, got {value!r} ({env_name})")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _validate_core(core: CoreSettings) -> None:
     _check_bounds(core, "", ENV_PREFIX)
-    if not _is_loopback(core.host) and not core.token:
+    if not is_loopback(core.host) and not core.token:
         raise ConfigError(
             f"host is {core.host!r} (reachable from other machines) but no token is set: "
             f"set LUNA_TOKEN (clients send it as a bearer token) or bind 127.0.0.1"

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -35,12 +36,16 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
-def start_redis(tmp: Path) -> RedisServer:
+def start_redis(tmp: Path, *, port: int | None = None, durable: bool = False, **options: Any) -> RedisServer:
+    """A redis-server of this test's own in `tmp` (options: those of localrun.start_redis_server; the
+    same port and directory again restart it on its append-only file)."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: apt-get install redis-server (the tests need a real one)")
-    port = free_port()
-    proc = start_redis_server(port, tmp, durable=False)
-    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
+    port = port or free_port()
+    proc = start_redis_server(port, tmp, durable=durable, **options)
+    password = options.get("password")
+    auth = f":{password}@" if password else ""
+    server = RedisServer(f"redis://{auth}127.0.0.1:{port}/0", port, proc)
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -143,3 +148,21 @@ def serve_process() -> Iterator[Callable[..., ServiceProcess]]:
             service.process.wait(timeout=20)
         if service.process.poll() is None:
             service.process.kill()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """own_redis(**options) -> a redis-server for this test alone (to kill, restart or fill), in
+    tmp_path/redis; own_redis(port=server.port, ...) restarts one on the same files. Killed at the end."""
+    started: list[RedisServer] = []
+
+    def start(**options: Any) -> RedisServer:
+        server = start_redis(tmp_path / "redis", **options)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(timeout=10)

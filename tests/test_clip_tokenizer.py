@@ -15,6 +15,7 @@ from luna_stack.clip.bpe import BOS, EOS, bytes_to_unicode, read_merges, shared_
 from luna_stack.clip.embeddings import EmbeddingStore
 from luna_stack.clip.prompt import parse_weights
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, chunk_groups, tokenize
+from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import BadRequest
 
 PROMPTS = [
@@ -163,13 +164,14 @@ def test_too_many_chunks_is_refused():
 
 
 def test_embeddings(tmp_path):
+    emb = tmp_path / "embeddings"
+    sub = emb / "sub"
+    sub.mkdir(parents=True)
     vec_l = torch.randn(2, 768)
-    save_file({"clip_l": vec_l, "clip_g": torch.randn(2, 1280)}, str(tmp_path / "style.safetensors"))
-    sub = tmp_path / "sub"
-    sub.mkdir()
+    save_file({"clip_l": vec_l, "clip_g": torch.randn(2, 1280)}, str(emb / "style.safetensors"))
     save_file({"emb_params": torch.randn(1, 768)}, str(sub / "one.safetensors"))
-    (tmp_path / "pickled.pt").write_bytes(b"not loaded")
-    store = EmbeddingStore([tmp_path])
+    (emb / "pickled.pt").write_bytes(b"not loaded")
+    store = EmbeddingStore(ModelRoots([tmp_path]))
     warnings: list[str] = []
     (chunk,) = _tok(
         "a embedding:style, (embedding:one:1.3) embedding:pickled cat", store=store, warnings=warnings

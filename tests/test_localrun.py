@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -12,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+import redis
 import torch
 
 from luna_stack.client.http import Client
@@ -74,6 +78,7 @@ def test_local_run_mode_demo(tmp_path: Path) -> None:
             )
         assert out["image"].shape == (1, 64, 64, 3)
         assert (tmp_path / "models" / "checkpoints" / "sdxl-small.safetensors").is_file()
+        _check_local_redis(tmp_path / "state", "".join(lines))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
@@ -87,3 +92,25 @@ def test_local_run_mode_demo(tmp_path: Path) -> None:
         raise AssertionError("service still answering after Ctrl-C")
     except OSError:
         pass
+
+
+def _check_local_redis(state: Path, output: str) -> None:
+    """The local redis-server: a generated password in a 0600 file, never printed, required; a
+    maxmemory with the policy that never evicts job keys."""
+    password_file = state / "redis.password"
+    password = password_file.read_text().strip()
+    assert len(password) >= 32
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "redis.conf").stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert password not in output
+    (shown,) = re.findall(r"redis\s+(redis://\S+)", output)
+    assert shown.startswith("redis://:***@127.0.0.1:"), shown
+    port = int(shown.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).ping()
+    client = redis.Redis(port=port, password=password)
+    assert client.ping()
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+    assert client.config_get("maxmemory") == {"maxmemory": str(2048 << 20)}
+    client.close()

@@ -52,6 +52,7 @@ class AsyncClient:
         self.name = name or f"client-{uuid.uuid4().hex[:8]}"
         self._session: aiohttp.ClientSession | None = None
         self._redis = None
+        self._registry: Registry | None = None
         self._replica: ReplicaInfo | None = None
         self.ipc_mode = ipc or os.environ.get("LUNA_IPC", "auto")
         if self.ipc_mode not in ("auto", "off"):
@@ -84,7 +85,12 @@ class AsyncClient:
         return self._redis
 
     async def replicas(self) -> list[ReplicaInfo]:
-        return await Registry(self._redis_client()).replicas(self.kind)
+        """Replicas whose registry entry is authenticated (signed with this client's token; without a
+        token, loopback addresses only): the only addresses the bearer token is ever sent to, besides
+        a URL given explicitly."""
+        if self._registry is None:
+            self._registry = Registry(self._redis_client(), token=self.token)
+        return await self._registry.replicas(self.kind)
 
     async def base_url(self) -> str:
         if self._fixed_url:
@@ -107,6 +113,7 @@ class AsyncClient:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+            self._registry = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -60,15 +60,17 @@ class CacheStats:
 
 
 class ConditioningCache:
-    def __init__(self, redis: aioredis.Redis, ttl_s: int, prefix: str = keys.COND_CACHE_PREFIX):
+    """Entries live under keys.cond_cache(digest), each with a TTL: besides expiring, that makes them the
+    keys a `volatile-lru` Redis evicts first when it reaches maxmemory (job keys carry none)."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_s: int):
         self.redis = redis
         self.ttl_s = ttl_s
-        self.prefix = prefix
         self.stats = CacheStats()
 
     async def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
-            blob = await self.redis.get(self.prefix + key)
+            blob = await self.redis.get(keys.cond_cache(key))
         except aioredis.RedisError as exc:  # the cache is an optimisation: never fail a request for it
             self.stats.errors += 1
             log.warning("conditioning cache read failed: %s", exc)
@@ -84,7 +86,8 @@ class ConditioningCache:
 
     async def put(self, key: str, cond: torch.Tensor, pooled: torch.Tensor) -> None:
         try:
-            await self.redis.set(self.prefix + key, encode({"cond": cond, "pooled": pooled}), ex=self.ttl_s)
+            blob = encode({"cond": cond, "pooled": pooled})
+            await self.redis.set(keys.cond_cache(key), blob, ex=self.ttl_s)
             self.stats.stores += 1
         except aioredis.RedisError as exc:
             self.stats.errors += 1
@@ -92,11 +95,11 @@ class ConditioningCache:
 
     async def _count(self, field: str) -> None:
         try:
-            await self.redis.hincrby(self.prefix + "stats", field, 1)
+            await self.redis.hincrby(keys.COND_CACHE_STATS, field, 1)
         except aioredis.RedisError:
             self.stats.errors += 1
 
     async def shared_stats(self) -> dict[str, Any]:
         """Counters of all replicas together."""
-        raw = await self.redis.hgetall(self.prefix + "stats")
+        raw = await self.redis.hgetall(keys.COND_CACHE_STATS)
         return {k.decode(): int(v) for k, v in raw.items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import BadRequest
+
+EMBEDDING_SUFFIXES = (".safetensors", ".sft")
 
 
 @dataclass(frozen=True)
@@ -29,23 +31,19 @@ class Embedding:
 
 
 class EmbeddingStore:
-    def __init__(self, directories: Iterable[Path]):
-        self.directories = [Path(d).resolve() for d in directories]
+    """Embeddings under `embeddings/` of every model root, found through ModelRoots like every other
+    model file: a symlink that leaves the roots is refused (403), not loaded."""
+
+    def __init__(self, roots: ModelRoots):
+        self.roots = roots
         self._cache: dict[tuple[Path, float, str], Embedding] = {}
         self._lock = threading.Lock()
 
     def find(self, name: str) -> Path | None:
-        for base in self.directories:
-            if not base.is_dir():
-                continue
-            for folder in [base, *sorted(p for p in base.rglob("*") if p.is_dir())]:
-                path = (folder / name).resolve()
-                if folder != path and folder not in path.parents:
-                    continue
-                for candidate in (path, path.with_name(path.name + ".safetensors")):
-                    if candidate.is_file() and candidate.suffix in (".safetensors", ".sft"):
-                        return candidate
-        return None
+        folders = ["embeddings"]
+        return self.roots.find(
+            name, folders, suffixes=EMBEDDING_SUFFIXES, any_suffix=False, subfolders=True, at_root=False
+        )
 
     def load(self, name: str, key: str) -> Embedding | None:
         """The embedding for encoder `key` ("clip_l" / "clip_g"), or None if there is no such file."""
@@ -56,11 +54,12 @@ class EmbeddingStore:
         with self._lock:
             if cache_key in self._cache:
                 return self._cache[cache_key]
-        raw = path.read_bytes()
         try:
+            raw = path.read_bytes()
             tensors = load_file(path)
         except (SafetensorError, OSError) as exc:
-            raise BadRequest(f"embedding {name!r} is not a readable safetensors file: {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise BadRequest(f"embedding {name!r} is not a readable safetensors file: {reason}") from None
         vectors = _pick(tensors, key)
         if vectors is None or vectors.ndim not in (1, 2) or not vectors.is_floating_point():
             raise BadRequest(f"embedding {name!r} holds no [tokens, width] float tensor")

@@ -90,7 +90,7 @@ class ClipFamily(ModelFamily[ClipModel, ClipWork]):
 
     def __init__(self, ctx: ServiceContext):
         super().__init__(ctx)
-        self.embeddings = EmbeddingStore(root / "embeddings" for root in ctx.roots.roots)
+        self.embeddings = EmbeddingStore(ctx.roots)
         self.lora_cache = LoraCache(self.cfg.lora_cache_mb << 20, ctx.device, ctx.dtype)
         self.cache: ConditioningCache | None = None
         self.graph_cfg = self.cfg.graph

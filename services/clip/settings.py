@@ -37,7 +37,12 @@ class ClipSettings:
     )
     max_loras: int = setting(16, "Most LoRAs in one request's stack.", minimum=0)
     cache: bool = setting(True, "Keep conditioning in Redis, shared by every replica (needs redis_url).")
-    cache_ttl_s: int = setting(7 * 86400, "Lifetime of a cached conditioning entry.", minimum=1)
+    cache_ttl_s: int = setting(
+        86400,
+        "Lifetime of a cached conditioning entry, in seconds (entries also go first when Redis reaches "
+        "its maxmemory).",
+        minimum=1,
+    )
     lora_cache_mb: int = setting(512, "Device memory for cached CLIP LoRA adapters (LRU).", minimum=1)
     graphs: bool = graphs_setting("the text encoders")
     graph_buckets: list[str] = buckets_setting(

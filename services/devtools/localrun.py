@@ -1,15 +1,19 @@
 """`luna-stack run`: the whole stack as local processes, no Docker.
 
-Starts redis-server (unless LUNA_REDIS_URL names one), then one `luna-stack serve <kind>` process per
-service, waits until each answers /health/ready, prints where everything is, and stops it all cleanly
-on Ctrl-C / SIGTERM (or when any process dies on its own).
+Starts redis-server (unless LUNA_REDIS_URL names one) with a generated password (kept in
+<state dir>/redis.password, mode 0600, never printed: the services get it in LUNA_REDIS_URL) and a
+maxmemory budget, then one `luna-stack serve <kind>` process per service, waits until each answers
+/health/ready, prints where everything is, and stops it all cleanly on Ctrl-C / SIGTERM (or when any
+process dies on its own).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,13 +23,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from luna_stack.config import load_settings
+from luna_stack.jobs.redis import redacted
 from luna_stack.wire.contract import KINDS
 from luna_stack.wire.errors import ConfigError
 
 log = logging.getLogger("luna_stack.run")
 PORT_OFFSETS = {"clip": 1, "vae": 2, "unet": 3}
+PASSWORD_FILE = "redis.password"
 # What --demo preloads, so the first request is instant.
 DEMO_PRELOAD = {
     "vae": "vae/sd15-small-vae.safetensors",
@@ -47,9 +54,30 @@ def port_free(port: int) -> bool:
     return True
 
 
-def start_redis_server(port: int, data_dir: Path, *, durable: bool) -> subprocess.Popen[bytes]:
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 0600, also when it existed with wider permissions)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+
+
+def start_redis_server(
+    port: int,
+    data_dir: Path,
+    *,
+    durable: bool,
+    password: str | None = None,
+    maxmemory_mb: int | None = None,
+    fsync_always: bool = False,
+) -> subprocess.Popen[bytes]:
     """A redis-server on 127.0.0.1:port keeping its files in data_dir (with durable: an append-only log,
-    so queued jobs survive a restart of the stack too)."""
+    so queued jobs survive a restart of the stack too; fsync_always: fsynced before every reply).
+
+    Its settings go into data_dir/redis.conf (mode 0600), so the password never shows in a process
+    list. With maxmemory_mb the policy is volatile-lru: only keys with a TTL (caches, heartbeats) are
+    ever evicted; job keys carry none (the queue expires them itself), so queued jobs are never dropped
+    and a full Redis refuses new ones instead (wire/keys.py)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ConfigError(
@@ -57,16 +85,47 @@ def start_redis_server(port: int, data_dir: Path, *, durable: bool) -> subproces
             "or point LUNA_REDIS_URL at a running one"
         )
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()), "--save", ""]
-    args += ["--appendonly", "yes" if durable else "no", "--logfile", "redis.log"]
-    return subprocess.Popen([binary, *args])
+    lines = [
+        f"port {port}",
+        "bind 127.0.0.1",
+        f"dir {json.dumps(str(data_dir.resolve()))}",
+        'save ""',
+        f"appendonly {'yes' if durable else 'no'}",
+        "logfile redis.log",
+    ]
+    if fsync_always:
+        lines.append("appendfsync always")
+    if password is not None:
+        lines.append(f"requirepass {json.dumps(password)}")
+    if maxmemory_mb is not None:
+        lines += [f"maxmemory {maxmemory_mb}mb", "maxmemory-policy volatile-lru"]
+    conf = data_dir / "redis.conf"
+    write_private(conf, "\n".join(lines) + "\n")
+    return subprocess.Popen([binary, str(conf.resolve())])
 
 
-def _start_redis(state_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def redis_password(state_dir: Path) -> tuple[str, Path]:
+    """The local Redis password: the one in state_dir/redis.password (kept with the data it protects),
+    else a new random one written there with mode 0600."""
+    path = state_dir / PASSWORD_FILE
+    if path.is_file():
+        password = path.read_text().strip()
+        if password:
+            path.chmod(0o600)
+            return password, path
+    password = secrets.token_hex(24)
+    write_private(path, password + "\n")
+    return password, path
+
+
+def _start_redis(state_dir: Path, maxmemory_mb: int) -> tuple[subprocess.Popen[bytes], str]:
     port = next(p for p in range(6390, 6490) if port_free(p))
-    proc = start_redis_server(port, state_dir, durable=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    log.info("redis-server on %s (data in %s)", url, state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)  # the append-only log holds every job's inputs and results
+    password, password_file = redis_password(state_dir)
+    proc = start_redis_server(port, state_dir, durable=True, password=password, maxmemory_mb=maxmemory_mb)
+    url = f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
+    log.info("redis-server on %s (data in %s, password in %s)", redacted(url), state_dir, password_file)
     return proc, url
 
 
@@ -155,7 +214,9 @@ def run_local(
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if not settings.core.redis_url:
-            procs["redis"], env["LUNA_REDIS_URL"] = _start_redis(state_dir)
+            procs["redis"], env["LUNA_REDIS_URL"] = _start_redis(
+                state_dir, settings.core.local_redis_maxmemory_mb
+            )
         urls = {}
         for kind in kinds:
             port = base_port + PORT_OFFSETS[kind]
@@ -175,7 +236,7 @@ def run_local(
                     pending.discard(kind)
                     log.info("%s ready at %s", kind, urls[kind])
                     if not pending:
-                        _print_summary(urls, env["LUNA_REDIS_URL"], root)
+                        _print_summary(urls, env["LUNA_REDIS_URL"], root, state_dir)
             if pending and time.monotonic() > deadline:
                 log.error("not ready after 10 minutes: %s", ", ".join(sorted(pending)))
                 return 1
@@ -188,8 +249,11 @@ def run_local(
             signal.signal(sig, handler)
 
 
-def _print_summary(urls: dict[str, str], redis_url: str, root: Path) -> None:
-    lines = ["", "Luna Stack is up (Ctrl-C stops everything):", f"  redis   {redis_url}"]
+def _print_summary(urls: dict[str, str], redis_url: str, root: Path, state_dir: Path) -> None:
+    where = ""
+    if redacted(redis_url) != redis_url and (state_dir / PASSWORD_FILE).is_file():
+        where = f"   password in {state_dir / PASSWORD_FILE}"
+    lines = ["", "Luna Stack is up (Ctrl-C stops everything):", f"  redis   {redacted(redis_url)}{where}"]
     lines += [f"  {kind:7s} {url}   status: {url}/v1/status" for kind, url in urls.items()]
     lines += [f"  models  {root}", ""]
     if "vae" in urls:

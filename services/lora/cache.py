@@ -158,7 +158,7 @@ class LoraCache:
         try:
             st = os.stat(path)
         except FileNotFoundError as exc:
-            raise NotFound(f"LoRA file not found: {path}") from exc
+            raise NotFound(f"LoRA file not found: {Path(path).name}") from exc
         known = self._hash_of_path.get(path)
         if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
             return known[2], None
@@ -216,6 +216,6 @@ def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError as exc:
-        raise NotFound(f"LoRA file not found: {path}") from exc
+        raise NotFound(f"LoRA file not found: {Path(path).name}") from exc
     except OSError as exc:
-        raise ModelLoadError(f"LoRA file {path} cannot be read: {exc}") from exc
+        raise ModelLoadError(f"LoRA file {Path(path).name} cannot be read: {exc.strerror}") from exc

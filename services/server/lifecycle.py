@@ -50,8 +50,10 @@ async def on_startup(app: web.Application) -> None:
             state.redis,
             service.kind,
             result_ttl_s=core.result_ttl_s,
+            job_ttl_s=core.job_ttl_s,
             claim_idle_ms=core.claim_idle_ms,
             max_attempts=core.job_max_attempts,
+            max_job_mb=core.max_job_mb,
         )
         state.worker = QueueWorker(
             state.queue,
@@ -59,7 +61,7 @@ async def on_startup(app: web.Application) -> None:
             lambda op, blob: _handle_job(app, op, blob),
             on_outcome=lambda outcome: service.metrics.jobs.labels(outcome=outcome).inc(),
         )
-        state.registry = Registry(state.redis)
+        state.registry = Registry(state.redis, token=core.token)
         state.tasks.append(asyncio.create_task(_start_worker_when_ready(app, state.worker)))
         state.tasks.append(asyncio.create_task(_heartbeat(app, state.registry)))
 

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import re
 import time
 from typing import Any
 
@@ -21,10 +20,8 @@ from luna_stack.server.ipc import HOST
 from luna_stack.server.middleware import client_id
 from luna_stack.server.state import SERVICE, STATE
 from luna_stack.wire import codec
-from luna_stack.wire.errors import BadRequest, LunaError, NoQueue, NotFound, UnknownJob
+from luna_stack.wire.errors import BadRequest, LunaError, NoQueue, NotFound
 from luna_stack.wire.ipc import PARAM as IPC_PARAM
-
-_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def _body_limit(request: web.Request) -> http_body.BodyLimits:
@@ -115,6 +112,8 @@ def _queue(request: web.Request) -> JobQueue:
 async def submit_job(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     op = request.match_info["op"]
+    if (queue := request.app[STATE].queue) is not None:
+        queue.check_size(request.content_length)  # max_job_mb, before the body is read
     blob = await http_body.read_body(request, _body_limit(request))
     _tensors, params = codec.decode(blob)  # reject a malformed body now, not later in a worker
     if IPC_PARAM in params:
@@ -129,8 +128,6 @@ async def submit_job(request: web.Request) -> web.Response:
 async def job_result(request: web.Request) -> web.StreamResponse:
     queue = _queue(request)
     job_id = request.match_info["job_id"]
-    if not _JOB_ID.fullmatch(job_id):
-        raise UnknownJob(f"no job {job_id[:80]!r}", hint="job ids are the 32 hex digits submit returned")
     try:
         wait_s = float(request.query.get("wait", "0"))
     except ValueError:

@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from luna_stack.weights.checkpoint import detect, load_shapes, load_state_dict, unet_config_from_state_dict
+from luna_stack.weights.checkpoint import (
+    detect,
+    error_reason,
+    load_shapes,
+    load_state_dict,
+    unet_config_from_state_dict,
+)
 from luna_stack.weights.ldm_layout import unet_ldm_to_diffusers
 from luna_stack.wire.errors import ModelLoadError
 
@@ -184,7 +190,7 @@ def load_unet(name: str, path: Path, precision: str, device: torch.device) -> Lo
     except ModelLoadError:
         raise
     except Exception as exc:  # safetensors / gguf raise their own types for corrupt files
-        raise ModelLoadError(f"cannot read {path.name}: {exc}") from None
+        raise ModelLoadError(f"cannot read {path.name}: {error_reason(exc)}") from None
     dtype = compute_dtype(precision)
     precision = detect_precision(sd, precision)
     if precision == "fp8":

@@ -70,8 +70,13 @@ def _open(path: Path):
         raise ModelLoadError(f"{path.name}: file not found") from exc
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"{path.name}: not a valid safetensors file", details={"reason": str(exc)}
+            f"{path.name}: not a valid safetensors file", details={"reason": error_reason(exc)}
         ) from exc
+
+
+def error_reason(exc: Exception) -> str:
+    """What went wrong, without the file's host path (an OSError's str() carries it)."""
+    return (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else str(exc)
 
 
 def load_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, Tensor]:
@@ -90,7 +95,7 @@ def load_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, Te
             }
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelLoadError(
-                f"{path.name}: corrupt safetensors data", details={"reason": str(exc)}
+                f"{path.name}: corrupt safetensors data", details={"reason": error_reason(exc)}
             ) from exc
 
 

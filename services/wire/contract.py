@@ -3,6 +3,8 @@ operations, headers, and the names the step and conditioning params use. Importa
 
 from __future__ import annotations
 
+import ipaddress
+
 KINDS = ("clip", "vae", "unet")
 DEFAULT_PORTS = {"clip": 8101, "vae": 8102, "unet": 8103}
 OPS = {
@@ -32,3 +34,13 @@ VAE_SCALE = 8  # spatial compression of the SD1.x / SDXL VAEs: pixels per latent
 
 def default_url(kind: str) -> str:
     return f"http://127.0.0.1:{DEFAULT_PORTS[kind]}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IP address, IPv6 without brackets) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
