@@ -2,6 +2,7 @@
 #
 #   make up                   Redis + clip + vae + unet on GPU 0
 #   make up LAYOUT=2gpu       CLIP on GPU 1, VAE + UNet on GPU 0 (compose/2gpu.env)
+#   make up LAYOUT=cpu        no GPU: the host's network, everything on 127.0.0.1 (compose/cpu.yml)
 #   make up COMFYUI=3         ... plus three ComfyUI containers (compose/docker-compose.comfyui.yml)
 
 .DEFAULT_GOAL := help
@@ -19,12 +20,15 @@ LAYOUT ?= 1gpu
 COMFYUI ?= 0
 SIZE ?= small
 
-ifeq ($(filter $(LAYOUT),1gpu 2gpu),)
-$(error LAYOUT must be 1gpu or 2gpu, not '$(LAYOUT)')
+ifeq ($(filter $(LAYOUT),1gpu 2gpu cpu),)
+$(error LAYOUT must be 1gpu, 2gpu or cpu, not '$(LAYOUT)')
+endif
+ifeq ($(LAYOUT)-$(filter-out 0,$(COMFYUI)),cpu-$(COMFYUI))
+$(error the ComfyUI containers need a GPU: LAYOUT=cpu takes no COMFYUI)
 endif
 # Later --env-file entries win; compose/.env is named explicitly because --env-file replaces it.
 ENV_FILES := $(if $(filter 2gpu,$(LAYOUT)),$(addprefix --env-file ,$(wildcard compose/.env) compose/2gpu.env))
-COMPOSE_BASE := docker compose -f compose/docker-compose.yml
+COMPOSE_BASE := docker compose -f compose/docker-compose.yml $(if $(filter cpu,$(LAYOUT)),-f compose/cpu.yml)
 COMPOSE_COMFYUI := $(COMPOSE_BASE) -f compose/docker-compose.comfyui.yml
 # up/build use the files the variables ask for; down/logs/ps always see ComfyUI containers too.
 COMPOSE := $(if $(filter 0,$(COMFYUI)),$(COMPOSE_BASE),$(COMPOSE_COMFYUI)) $(ENV_FILES)
@@ -34,7 +38,7 @@ SCALE := $(if $(filter 0,$(COMFYUI)),,--scale comfyui=$(COMFYUI))
 .PHONY: help venv test test-gpu bench lint run fixtures build up down logs ps
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 venv: $(VENV_STAMP) ## create .venv and install luna-stack[server,dev] (TORCH_SPEC picks torch)
 
@@ -66,7 +70,7 @@ lint: venv ## ruff, hadolint on the Dockerfiles, compose files against the compo
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint docker/*Dockerfile*
-	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose/*.yml
+	$(BIN)/python -m tools.compose_yaml compose/*.yml
 
 run: venv ## local mode: redis-server and the three services as processes, demo models
 	$(BIN)/luna-stack run --demo
@@ -77,7 +81,7 @@ fixtures: venv ## write random-weight models in ComfyUI layout to models/ (SIZE=
 build: ## build the images
 	$(COMPOSE) build
 
-up: ## start the stack and wait until it is healthy (LAYOUT=1gpu|2gpu, COMFYUI=N)
+up: ## start the stack and wait until it is healthy (LAYOUT=1gpu|2gpu|cpu, COMFYUI=N)
 	$(COMPOSE) up -d --wait $(SCALE)
 
 down: ## stop and remove the stack's containers (volumes are kept)
