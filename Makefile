@@ -35,7 +35,7 @@ COMPOSE := $(if $(filter 0,$(COMFYUI)),$(COMPOSE_BASE),$(COMPOSE_COMFYUI)) $(ENV
 COMPOSE_ALL := $(COMPOSE_COMFYUI) $(ENV_FILES)
 SCALE := $(if $(filter 0,$(COMFYUI)),,--scale comfyui=$(COMFYUI))
 
-.PHONY: help venv test test-gpu bench lint run fixtures build up down logs ps
+.PHONY: help venv test test-gpu test-compose bench lint run fixtures build up down logs ps
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -55,6 +55,11 @@ test: venv ## lint the Python code and run the CPU test suite
 
 test-gpu: venv ## run the tests that need a CUDA GPU
 	$(BIN)/pytest -q -m gpu
+
+# Root on Debian: its own Docker engine, images built without a registry, tests/test_compose_stack.py.
+# LUNA_CI_CACHE (default ~/.cache/luna-stack-ci) keeps the engine's images, rootfs, wheels and Compose.
+test-compose: venv ## build the images and run the compose stack in containers (root, Debian)
+	VENV=$(abspath $(VENV)) bash tools/compose_test.sh
 
 # Each bench/bench_*.py prints its table and writes bench/results/<name>.json itself (device named in it).
 # BENCH_ARGS=--small runs them on the CPU fixtures.
