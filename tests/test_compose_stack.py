@@ -91,6 +91,9 @@ def _why_not() -> str | None:
         engine.ping()
     except Exception as exc:
         return f"no Docker engine answers ({str(exc)[:160]}); make test-compose starts one"
+    if engine.api.base_url != "http+docker://localhost":
+        # The stack shares the host's network: the checks read this machine's sockets and processes.
+        return f"the Docker engine at {engine.api.base_url} is not on this machine's unix socket"
     for image in (IMAGE, REDIS_IMAGE):
         try:
             engine.images.get(image)

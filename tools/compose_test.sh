@@ -74,7 +74,8 @@ command -v apt-get >/dev/null || die "needs a Debian machine (apt-get)"
 [[ -x $VENV/bin/pytest ]] || die "no $VENV: run make venv first"
 mkdir -p "$CACHE"
 exec 9>"$CACHE/lock"
-flock -n 9 || die "another make test-compose holds $CACHE/lock"
+# One run at a time per cache (one engine, one data root); another one waits its turn, boundedly.
+flock -w 900 9 || die "another make test-compose has held $CACHE/lock for 15 minutes"
 
 # ----------------------------------------------------------------------------------------- packages
 
