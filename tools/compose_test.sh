@@ -6,9 +6,11 @@
 #
 # Stages, each timed (printed at the end and kept in $CACHE/timings.tsv):
 #   packages  Debian's docker.io and debootstrap, when missing (no service is started by the install)
-#   compose   a Compose v2 CLI: bookworm's docker-compose is 1.29, which rejects the compose files, so
-#             Debian's next release's docker-compose package (v2) is downloaded by apt, which checks it
-#             against the archive's signed index, and unpacked into the cache (the host's dpkg is untouched)
+#   compose   a Compose v2 CLI (2.24+): one already installed, else a Debian package apt offers
+#             (docker-compose v2 or docker-compose-plugin, apt-cache policy says), else - bookworm's
+#             docker-compose is 1.29, which rejects the compose files - Debian trixie's docker-compose
+#             package, downloaded by apt (checked against the archive's signed index) into the cache
+#             and unpacked there (the host's dpkg database is untouched)
 #   engine    dockerd with its data root and socket under the cache
 #   rootfs    debootstrap --variant=minbase bookworm with python3, tarred into the cache
 #   base      docker import of that tarball
@@ -25,7 +27,6 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${LUNA_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/luna-stack-ci}
 VENV=${VENV:-$REPO/.venv}
 SUITE=bookworm
-MIRROR=http://deb.debian.org/debian
 ROOTFS_PACKAGES=python3,python3-venv,passwd
 COMPOSE_SUITE=trixie # the first Debian release whose docker-compose is v2
 COMPOSE_MIN=2.24     # the first with !reset (compose/cpu.yml)
@@ -107,6 +108,27 @@ install_packages() {
 	return "$rc"
 }
 
+# The Debian archive (and security archive) this machine's apt already uses, so a local mirror serves
+# as well as the public one; LUNA_CI_MIRROR and LUNA_CI_SECURITY_MIRROR override them.
+apt_uri() { # apt_uri SUITE: the URI apt fetches SUITE/main from, if it does
+	apt-cache policy 2>/dev/null | awk -v want="$1/main" '$3 == want {print $2; exit}'
+}
+MIRROR=
+SECURITY_MIRROR=
+find_mirrors() {
+	MIRROR=${LUNA_CI_MIRROR:-$(apt_uri "$SUITE")}
+	if [[ -z $MIRROR ]]; then
+		apt_update_once
+		local codename
+		# shellcheck source=/dev/null
+		codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+		MIRROR=$(apt_uri "$SUITE")
+		[[ -n $MIRROR || -z $codename ]] || MIRROR=$(apt_uri "$codename")
+	fi
+	[[ -n $MIRROR ]] || die "apt has no Debian archive configured: set LUNA_CI_MIRROR to one"
+	SECURITY_MIRROR=${LUNA_CI_SECURITY_MIRROR:-$(apt_uri "$SUITE-security")}
+}
+
 # apt with its own sources and state under $CACHE/apt/NAME: for downloads only, never installs.
 private_apt() { # private_apt NAME "SUITES" apt-get-arguments...
 	local dir=$CACHE/apt/$1 suites=$2
@@ -114,10 +136,13 @@ private_apt() { # private_apt NAME "SUITES" apt-get-arguments...
 	mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/prefs"
 	touch "$dir/status"
 	: >"$dir/sources.list"
-	local suite
+	local suite uri
 	for suite in $suites; do
-		local uri=$MIRROR
-		[[ $suite == *-security ]] && uri=${MIRROR%/debian}/debian-security
+		uri=$MIRROR
+		if [[ $suite == *-security ]]; then
+			uri=$SECURITY_MIRROR
+			[[ -n $uri ]] || continue # no security archive configured: main and updates only
+		fi
 		echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $suite main" >>"$dir/sources.list"
 	done
 	apt-get -q -o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=- \
@@ -129,24 +154,63 @@ private_apt() { # private_apt NAME "SUITES" apt-get-arguments...
 
 COMPOSE_DIR=$CACHE/compose
 DOCKER_CONFIG_DIR=$CACHE/docker-config
+PLUGIN_DIRS="/usr/libexec/docker/cli-plugins /usr/lib/docker/cli-plugins /usr/local/lib/docker/cli-plugins"
+
+new_enough() { # new_enough VERSION: a Debian or Compose version (epoch, v, revision dropped) >= COMPOSE_MIN
+	local v=${1#*:}
+	v=${v#v}
+	printf '%s\n%s\n' "$COMPOSE_MIN" "${v%%[-+~]*}" | sort -V -C
+}
+
+installed_compose() { # a Compose v2 plugin of the system's, new enough
+	local dir
+	for dir in $PLUGIN_DIRS; do
+		[[ -x $dir/docker-compose ]] && new_enough "$("$dir/docker-compose" version --short 2>/dev/null)" &&
+			echo "$dir/docker-compose" && return 0
+	done
+	return 1
+}
+
+# Install the Debian package that provides a new enough plugin, where this machine's apt offers one
+# (its package lists as they are: the packages stage updated them when it had to install).
+apt_compose() {
+	local pkg candidate
+	for pkg in docker-compose-plugin docker-compose; do
+		candidate=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2}')
+		if [[ -z $candidate || $candidate == "(none)" ]] || ! new_enough "$candidate"; then
+			continue
+		fi
+		logged apt-compose apt-get install -y -q --no-install-recommends "$pkg"
+		return 0
+	done
+	return 1
+}
+
 get_compose() {
-	local bin=$COMPOSE_DIR/usr/libexec/docker/cli-plugins/docker-compose
-	if [[ ! -x $bin ]]; then
-		logged apt-compose private_apt "$COMPOSE_SUITE" "$COMPOSE_SUITE" update
-		local tmp
-		tmp=$(mktemp -d "$CACHE/compose-deb.XXXXXX")
-		(cd "$tmp" && logged apt-compose private_apt "$COMPOSE_SUITE" "$COMPOSE_SUITE" download docker-compose)
-		rm -rf "$COMPOSE_DIR"
-		dpkg-deb -x "$tmp"/docker-compose_*.deb "$COMPOSE_DIR"
-		rm -rf "$tmp"
+	local bin source
+	if bin=$(installed_compose); then
+		source="installed"
+	elif apt_compose && bin=$(installed_compose); then
+		source="a Debian package of this machine's apt"
+	else
+		bin=$COMPOSE_DIR/usr/libexec/docker/cli-plugins/docker-compose
+		source="Debian $COMPOSE_SUITE's docker-compose, unpacked in the cache"
+		if [[ ! -x $bin ]]; then
+			logged apt-compose private_apt "$COMPOSE_SUITE" "$COMPOSE_SUITE" update
+			local tmp
+			tmp=$(mktemp -d "$CACHE/compose-deb.XXXXXX")
+			(cd "$tmp" && logged apt-compose private_apt "$COMPOSE_SUITE" "$COMPOSE_SUITE" download docker-compose)
+			rm -rf "$COMPOSE_DIR"
+			dpkg-deb -x "$tmp"/docker-compose_*.deb "$COMPOSE_DIR"
+			rm -rf "$tmp"
+		fi
 	fi
 	local version
 	version=$("$bin" version --short)
-	printf '%s\n%s\n' "$COMPOSE_MIN" "${version%%-*}" | sort -V -C ||
-		die "docker-compose $version is older than $COMPOSE_MIN"
+	new_enough "$version" || die "docker-compose $version is older than $COMPOSE_MIN"
 	mkdir -p "$DOCKER_CONFIG_DIR/cli-plugins"
 	ln -sf "$bin" "$DOCKER_CONFIG_DIR/cli-plugins/docker-compose"
-	log "Compose $version (Debian $COMPOSE_SUITE's docker-compose)"
+	log "Compose $version ($source)"
 }
 
 # ------------------------------------------------------------------------------------------- engine
@@ -199,7 +263,7 @@ start_engine() {
 
 # ------------------------------------------------------------------------------------------- images
 
-ROOTFS_KEY=$(echo "$SUITE $MIRROR minbase $ROOTFS_PACKAGES" | sha256sum | cut -c1-12)
+ROOTFS_KEY=$(echo "$SUITE minbase $ROOTFS_PACKAGES" | sha256sum | cut -c1-12)
 ROOTFS_TAR=$CACHE/rootfs/$SUITE-minbase-$ROOTFS_KEY.tar
 
 label_of() { docker_ image inspect -f "{{index .Config.Labels \"$2\"}}" "$1" 2>/dev/null || true; }
@@ -329,6 +393,7 @@ report() {
 total_start=$(date +%s)
 trap 'report $?' EXIT
 
+find_mirrors
 stage packages install_packages
 stage compose get_compose
 stage engine start_engine
