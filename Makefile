@@ -2,6 +2,7 @@
 #
 #   make up                   Redis + clip + vae + unet on GPU 0
 #   make up LAYOUT=2gpu       CLIP on GPU 1, VAE + UNet on GPU 0 (compose/2gpu.env)
+#   make up LAYOUT=cpu        no GPU: the host's network, everything on 127.0.0.1 (compose/cpu.yml)
 #   make up COMFYUI=3         ... plus three ComfyUI containers (compose/docker-compose.comfyui.yml)
 
 .DEFAULT_GOAL := help
@@ -19,22 +20,25 @@ LAYOUT ?= 1gpu
 COMFYUI ?= 0
 SIZE ?= small
 
-ifeq ($(filter $(LAYOUT),1gpu 2gpu),)
-$(error LAYOUT must be 1gpu or 2gpu, not '$(LAYOUT)')
+ifeq ($(filter $(LAYOUT),1gpu 2gpu cpu),)
+$(error LAYOUT must be 1gpu, 2gpu or cpu, not '$(LAYOUT)')
+endif
+ifeq ($(LAYOUT)-$(filter-out 0,$(COMFYUI)),cpu-$(COMFYUI))
+$(error the ComfyUI containers need a GPU: LAYOUT=cpu takes no COMFYUI)
 endif
 # Later --env-file entries win; compose/.env is named explicitly because --env-file replaces it.
 ENV_FILES := $(if $(filter 2gpu,$(LAYOUT)),$(addprefix --env-file ,$(wildcard compose/.env) compose/2gpu.env))
-COMPOSE_BASE := docker compose -f compose/docker-compose.yml
+COMPOSE_BASE := docker compose -f compose/docker-compose.yml $(if $(filter cpu,$(LAYOUT)),-f compose/cpu.yml)
 COMPOSE_COMFYUI := $(COMPOSE_BASE) -f compose/docker-compose.comfyui.yml
 # up/build use the files the variables ask for; down/logs/ps always see ComfyUI containers too.
 COMPOSE := $(if $(filter 0,$(COMFYUI)),$(COMPOSE_BASE),$(COMPOSE_COMFYUI)) $(ENV_FILES)
 COMPOSE_ALL := $(COMPOSE_COMFYUI) $(ENV_FILES)
 SCALE := $(if $(filter 0,$(COMFYUI)),,--scale comfyui=$(COMFYUI))
 
-.PHONY: help venv test test-gpu bench lint run fixtures build up down logs ps
+.PHONY: help venv test test-gpu test-compose bench lint run fixtures build up down logs ps
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 venv: $(VENV_STAMP) ## create .venv and install luna-stack[server,dev] (TORCH_SPEC picks torch)
 
@@ -52,6 +56,11 @@ test: venv ## lint the Python code and run the CPU test suite
 test-gpu: venv ## run the tests that need a CUDA GPU
 	$(BIN)/pytest -q -m gpu
 
+# Root on Debian: its own Docker engine, images built without a registry, tests/test_compose_stack.py.
+# LUNA_CI_CACHE (default ~/.cache/luna-stack-ci) keeps the engine's images, rootfs, wheels and Compose.
+test-compose: venv ## build the images and run the compose stack in containers (root, Debian)
+	VENV=$(abspath $(VENV)) bash tools/compose_test.sh
+
 # Each bench/bench_*.py prints its table and writes bench/results/<name>.json itself (device named in it).
 # BENCH_ARGS=--small runs them on the CPU fixtures.
 BENCH_SCRIPTS := $(wildcard bench/bench_*.py)
@@ -66,7 +75,7 @@ lint: venv ## ruff, hadolint on the Dockerfiles, compose files against the compo
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint docker/*Dockerfile*
-	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose/*.yml
+	$(BIN)/python -m tools.compose_yaml compose/*.yml
 
 run: venv ## local mode: redis-server and the three services as processes, demo models
 	$(BIN)/luna-stack run --demo
@@ -77,7 +86,7 @@ fixtures: venv ## write random-weight models in ComfyUI layout to models/ (SIZE=
 build: ## build the images
 	$(COMPOSE) build
 
-up: ## start the stack and wait until it is healthy (LAYOUT=1gpu|2gpu, COMFYUI=N)
+up: ## start the stack and wait until it is healthy (LAYOUT=1gpu|2gpu|cpu, COMFYUI=N)
 	$(COMPOSE) up -d --wait $(SCALE)
 
 down: ## stop and remove the stack's containers (volumes are kept)

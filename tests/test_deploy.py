@@ -35,6 +35,7 @@ from luna_stack.jobs.queue import JobQueue
 from luna_stack.jobs.redis import connect
 from luna_stack.jobs.registry import Registry
 from luna_stack.wire import codec
+from tools import compose_yaml
 
 from .conftest import free_port
 
@@ -42,11 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = REPO / "compose"
 BASE_FILE = COMPOSE_DIR / "docker-compose.yml"
 COMFYUI_FILE = COMPOSE_DIR / "docker-compose.comfyui.yml"
+CPU_FILE = COMPOSE_DIR / "cpu.yml"
 DOCKERFILES = sorted((REPO / "docker").glob("*Dockerfile*"))
+# The images that run Python (the services, ComfyUI); the other one is Redis.
+PYTHON_DOCKERFILES = [p for p in DOCKERFILES if "redis" not in p.name]
 BIN = Path(sys.executable).parent  # the venv running the tests holds the tools and `luna-stack`
 LUNA_KINDS = ("clip", "vae", "unet")
 GPU_SERVICES = (*LUNA_KINDS, "comfyui")
 TOKEN = "deploy-test-token"
+REDIS_PASSWORD = "deploy-test-redis-password"
 # What the user would put in compose/.env: the token and, for the local run, models to preload.
 PRELOAD = {
     "LUNA_CLIP_PRELOAD": "clip_l.safetensors",
@@ -64,38 +69,73 @@ READY_TIMEOUT_S = 240  # three services importing torch at once on two shared co
 
 # ------------------------------------------------------------------ a minimal compose model loader
 
-_VARIABLE = re.compile(
-    r"\$(?:(?P<escaped>\$)|\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<named>[A-Za-z_]\w*))"
-)
-
 
 class MissingVariable(Exception):
     pass
 
 
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_BRACED = re.compile(r"(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>.*))?", re.S)
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Index of the `}` closing the `${` whose body starts at `start` (defaults may nest `${...}`)."""
+    depth = 1
+    i = start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ValueError(f"unclosed ${{ in {text!r}")
+
+
+def _substitute(text: str, env: Mapping[str, str]) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("${", i):
+            end = _closing_brace(text, i + 2)
+            m = _BRACED.fullmatch(text[i + 2 : end])
+            assert m, f"bad variable {text[i : end + 1]!r}"
+            name, op, arg = m["name"], m["op"], m["arg"]
+            current = env.get(name)
+            unset = current is None or (current == "" and op is not None and op.startswith(":"))
+            if op and op.endswith("?") and unset:
+                raise MissingVariable(f"{name}: {arg}")
+            out.append(_substitute(arg, env) if op and op.endswith("-") and unset else current or "")
+            i = end + 1
+        elif text[i] == "$" and (m := _NAME.match(text, i + 1)):
+            out.append(env.get(m[0], ""))
+            i = m.end()
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def interpolate(value: Any, env: Mapping[str, str]) -> Any:
-    """Compose's variable syntax: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}."""
+    """Compose's variable syntax: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error},
+    defaults holding variables themselves (${A:-x${B}y})."""
     if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
+        return type(value)({k: interpolate(v, env) for k, v in value.items()})
     if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
+        return type(value)(interpolate(v, env) for v in value)
     if not isinstance(value, str):
         return value
+    return _substitute(value, env)
 
-    def substitute(m: re.Match[str]) -> str:
-        if m["escaped"]:
-            return "$"
-        name = m["braced"] or m["named"]
-        op, arg = m["op"], m["arg"]
-        current = env.get(name)
-        unset = current is None or (current == "" and op is not None and op.startswith(":"))
-        if op and op.endswith("?") and unset:
-            raise MissingVariable(f"{name}: {arg}")
-        if op and op.endswith("-") and unset:
-            return arg
-        return current or ""
 
-    return _VARIABLE.sub(substitute, value)
+def variables_used(text: str) -> set[str]:
+    """Every variable a compose file reads, nested defaults included ($$ is an escaped dollar)."""
+    text = text.replace("$$", "")
+    return set(re.findall(r"\$\{(\w+)", text)) | set(re.findall(r"\$([A-Za-z_]\w*)", text))
 
 
 def _environment_dict(environment: Any) -> dict[str, str]:
@@ -106,7 +146,9 @@ def _environment_dict(environment: Any) -> dict[str, str]:
 
 def merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
     """Compose's merge rules: mappings merge, sequences append, command/entrypoint/healthcheck.test are
-    replaced, environment merges by variable name."""
+    replaced, environment merges by variable name; `!override` replaces, `!reset` drops the key."""
+    if isinstance(override, (compose_yaml.Override, compose_yaml.OverrideList)):
+        return compose_yaml.plain(override)
     if len(path) == 3 and path[0] == "services" and path[2] == "environment":
         return {**_environment_dict(base), **_environment_dict(override)}
     if path[-1:] in (("command",), ("entrypoint",)) or path[-2:] == ("healthcheck", "test"):
@@ -114,7 +156,10 @@ def merge(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
     if isinstance(base, dict) and isinstance(override, dict):
         merged = dict(base)
         for key, value in override.items():
-            merged[key] = merge(base[key], value, (*path, key)) if key in base else value
+            if value is compose_yaml.RESET:
+                merged.pop(key, None)
+            else:
+                merged[key] = merge(base[key], value, (*path, key)) if key in base else value
         return merged
     if isinstance(base, list) and isinstance(override, list):
         return base + override
@@ -135,9 +180,10 @@ def load_project(files: list[Path], env: Mapping[str, str]) -> dict[str, Any]:
     """The merged, interpolated compose model (what `docker compose config` prints)."""
     project: dict[str, Any] = {}
     for file in files:
-        raw = yaml.safe_load(file.read_text())  # anchors and `<<` merge keys resolve here
+        raw = compose_yaml.load(file)  # anchors and `<<` merge keys resolve here, !reset is marked
         body = {k: v for k, v in raw.items() if not k.startswith("x-")}
         project = merge(project, interpolate(body, env))
+    project = compose_yaml.plain(project)  # what only a first file resets is not in the model either
     for service in project["services"].values():
         service["environment"] = _environment_dict(service.get("environment"))
     return project
@@ -145,7 +191,7 @@ def load_project(files: list[Path], env: Mapping[str, str]) -> dict[str, Any]:
 
 def layout_env(layout: str, **extra: str) -> dict[str, str]:
     env_files, _ = LAYOUTS[layout]
-    env: dict[str, str] = {"LUNA_TOKEN": TOKEN}
+    env: dict[str, str] = {"LUNA_TOKEN": TOKEN, "LUNA_REDIS_PASSWORD": REDIS_PASSWORD}
     for name in env_files:
         env.update(read_env_file(COMPOSE_DIR / name))
     return {**env, **extra}
@@ -164,14 +210,27 @@ def compose_files() -> list[Path]:
 
 def test_compose_files_validate_against_the_compose_spec() -> None:
     files = compose_files()
-    assert BASE_FILE in files and COMFYUI_FILE in files
+    assert {BASE_FILE, COMFYUI_FILE, CPU_FILE} <= set(files)
     result = subprocess.run(
-        [BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", *files],
+        [sys.executable, "-m", "tools.compose_yaml", *files],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_sees_compose_tags_resolved(tmp_path: Path) -> None:
+    """check-jsonschema alone cannot read `!reset`; the wrapper drops reset keys and still catches errors."""
+    good = tmp_path / "good.yml"
+    good.write_text("services:\n  vae:\n    deploy: !reset {}\n    network_mode: host\n")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("services:\n  vae:\n    deploy: !reset {}\n    ipc: [1]\n")
+    run = [sys.executable, "-m", "tools.compose_yaml"]
+    assert subprocess.run([*run, good], capture_output=True, timeout=120, cwd=REPO).returncode == 0
+    result = subprocess.run([*run, bad], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1 and "ipc" in result.stdout
 
 
 def test_dockerfiles_pass_hadolint() -> None:
@@ -206,20 +265,73 @@ def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def _arg_defaults(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(a.split("=", 1) for ins, a in instructions if ins == "ARG" and "=" in a)
+
+
+def _base_images(instructions: list[tuple[str, str]]) -> list[str]:
+    """The images the stages start from, build arguments at their defaults, stage names left out."""
+    defaults = _arg_defaults(instructions)
+    stages, images = set(), []
+    for ins, args in instructions:
+        if ins != "FROM":
+            continue
+        words = args.split()
+        image = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], words[0])
+        if image not in stages:
+            images.append(image)
+        if len(words) == 3 and words[1].upper() == "AS":
+            stages.add(words[2])
+    return images
+
+
+def _bind_mount_sources(instructions: list[tuple[str, str]]) -> list[str]:
+    """Build-context paths that RUN steps bind-mount (mounts from a stage or image left out)."""
+    sources = []
+    for ins, args in instructions:
+        for mount in re.findall(r"--mount=(\S+)", args) if ins == "RUN" else []:
+            options = dict(o.split("=", 1) if "=" in o else (o, "") for o in mount.split(","))
+            if options.get("type") == "bind" and "from" not in options:
+                sources.append(options.get("source", "."))
+    return sources
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_pins_versions_runs_unprivileged_and_offline(dockerfile: Path) -> None:
+def test_dockerfile_pins_versions_and_runs_unprivileged(dockerfile: Path) -> None:
     instructions = _dockerfile_instructions(dockerfile)
-    [base] = [args for ins, args in instructions if ins == "FROM"]
-    tag = base.partition(":")[2]
-    assert tag and tag != "latest" and re.search(r"\d+\.\d+", tag), f"base image {base!r} is not pinned"
-    args = dict(a.split("=", 1) for ins, a in instructions if ins == "ARG" and "=" in a)
-    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
-    assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
+    images = _base_images(instructions)
+    assert images
+    for base in images:
+        tag = base.partition(":")[2]
+        assert tag and tag != "latest" and re.search(r"\d+\.\d+", tag), f"base image {base!r} is not pinned"
     users = [a for ins, a in instructions if ins == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(ins == "HEALTHCHECK" for ins, _ in instructions)
+
+
+@pytest.mark.parametrize("dockerfile", PYTHON_DOCKERFILES, ids=lambda p: p.name)
+def test_python_images_pin_torch_and_stay_offline(dockerfile: Path) -> None:
+    instructions = _dockerfile_instructions(dockerfile)
+    args = _arg_defaults(instructions)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
+    assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
     env = " ".join(a for ins, a in instructions if ins == "ENV")
     assert "HF_HUB_OFFLINE=1" in env
-    assert any(ins == "HEALTHCHECK" for ins, _ in instructions)
+
+
+def test_service_image_defaults_to_cuda_and_installs_wheels_from_a_bind_mount_only() -> None:
+    """BASE_IMAGE and PIP_FROM change the build; by default it is the CUDA image from the indexes. The
+    offline install reads .whl/ through a BuildKit bind mount: no COPY or ADD puts wheels in a layer."""
+    instructions = _dockerfile_instructions(REPO / "docker" / "Dockerfile")
+    args = _arg_defaults(instructions)
+    assert args["BASE_IMAGE"].startswith("nvidia/cuda:") and args["PIP_FROM"] == "index"
+    stages = {a.split()[-1] for ins, a in instructions if ins == "FROM" and " AS " in a.upper()}
+    assert {"deps-index", "deps-wheels"} <= stages
+    assert ("FROM", "deps-${PIP_FROM}") in instructions
+    assert _bind_mount_sources(instructions) == [".whl"]
+    for ins, a in instructions:
+        if ins in ("COPY", "ADD"):
+            assert ".whl" not in a, f"{ins} {a} puts wheels into a layer"
 
 
 def test_service_image_healthcheck_is_the_compose_healthcheck() -> None:
@@ -236,8 +348,14 @@ def test_docker_build_context_holds_what_the_dockerfiles_copy() -> None:
         line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line[:1] == "!"
     }
     for dockerfile in DOCKERFILES:
-        for ins, args in _dockerfile_instructions(dockerfile):
-            if ins == "COPY":
+        instructions = _dockerfile_instructions(dockerfile)
+        for source in _bind_mount_sources(instructions):
+            # Mounted only when that stage is built (.whl/ holds the wheels of an offline build).
+            assert source == "." or source.rstrip("/") in allowed, (
+                f"{dockerfile.name} mounts {source}, excluded by .dockerignore"
+            )
+        for ins, args in instructions:
+            if ins == "COPY" and not args.startswith("--from="):
                 for source in args.split()[:-1]:
                     assert source.rstrip("/") in allowed, (
                         f"{dockerfile.name} copies {source}, excluded by .dockerignore"
@@ -247,11 +365,18 @@ def test_docker_build_context_holds_what_the_dockerfiles_copy() -> None:
                     )
 
 
-def test_compose_refuses_to_start_without_a_token() -> None:
+@pytest.mark.parametrize("files", [[BASE_FILE], [BASE_FILE, CPU_FILE]], ids=["gpu", "cpu"])
+def test_compose_refuses_to_start_without_a_token_or_a_redis_password(files: list[Path]) -> None:
     with pytest.raises(MissingVariable, match="LUNA_TOKEN"):
-        load_project([BASE_FILE], {})
+        load_project(files, {"LUNA_REDIS_PASSWORD": REDIS_PASSWORD})
     with pytest.raises(MissingVariable, match="LUNA_TOKEN"):
-        load_project([BASE_FILE], {"LUNA_TOKEN": ""})
+        load_project(files, {"LUNA_TOKEN": "", "LUNA_REDIS_PASSWORD": REDIS_PASSWORD})
+    for env in ({"LUNA_TOKEN": TOKEN}, {"LUNA_TOKEN": TOKEN, "LUNA_REDIS_PASSWORD": ""}):
+        with pytest.raises(MissingVariable, match="LUNA_REDIS_PASSWORD"):
+            load_project(files, env)
+    # Not even with a Redis URL of one's own: the stack's Redis still needs its password.
+    with pytest.raises(MissingVariable, match="LUNA_REDIS_PASSWORD"):
+        load_project(files, {"LUNA_TOKEN": TOKEN, "LUNA_REDIS_URL": "redis://:x@elsewhere:6379/0"})
 
 
 def test_env_example_documents_every_variable() -> None:
@@ -259,7 +384,7 @@ def test_env_example_documents_every_variable() -> None:
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example, re.MULTILINE))
     used = set()
     for file in compose_files():
-        used |= {m["braced"] or m["named"] for m in _VARIABLE.finditer(file.read_text()) if not m["escaped"]}
+        used |= variables_used(file.read_text())
     for _, (env_files, _) in LAYOUTS.items():
         for name in env_files:
             used |= set(read_env_file(COMPOSE_DIR / name))
@@ -281,10 +406,8 @@ def test_merged_stack_properties(layout: str, with_comfyui: bool, tmp_path: Path
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this host by default"
 
     redis = services["redis"]
-    assert (
-        "--appendonly" in redis["command"]
-        and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
-    )
+    assert _redis_option(redis, "--appendonly") == "yes"
+    assert _redis_password(redis) == REDIS_PASSWORD
     assert "redis-data:/data" in redis["volumes"] and "redis-data" in project["volumes"]
 
     for name in GPU_SERVICES:
@@ -309,7 +432,7 @@ def test_merged_stack_properties(layout: str, with_comfyui: bool, tmp_path: Path
         # a non-loopback bind without one).
         assert env["LUNA_HOST"] == "0.0.0.0" and env["LUNA_TOKEN"] == TOKEN
         assert env["LUNA_MODEL_ROOTS"] == "/models"
-        assert env["LUNA_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["LUNA_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
         assert env["HF_HUB_OFFLINE"] == "1"
         [port] = service["ports"]
         assert port.endswith(f":{env['LUNA_PORT']}")
@@ -317,12 +440,65 @@ def test_merged_stack_properties(layout: str, with_comfyui: bool, tmp_path: Path
     if with_comfyui:
         env = services["comfyui"]["environment"]
         assert env["LUNA_TOKEN"] == TOKEN
+        assert env["LUNA_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
         for kind in LUNA_KINDS:
             assert (
                 env[f"LUNA_{kind.upper()}_URL"]
                 == f"http://{kind}:{services[kind]['environment']['LUNA_PORT']}"
             )
             assert services["comfyui"]["depends_on"][kind]["condition"] == "service_healthy"
+
+
+def _redis_option(redis: dict[str, Any], option: str) -> str:
+    command = redis["command"]
+    return command[command.index(option) + 1]
+
+
+def _redis_password(redis: dict[str, Any]) -> str:
+    """The requirepass redis-server gets: the command passes it from the environment, by name only."""
+    command = redis["command"]
+    assert command[:2] == ["sh", "-c"] and '--requirepass "$REDISCLI_AUTH"' in command[2]
+    assert not any(REDIS_PASSWORD in part for part in command)
+    return redis["environment"]["REDISCLI_AUTH"]
+
+
+def test_cpu_layout_has_no_gpu_shares_the_host_network_and_binds_loopback(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    ports = {"redis": "16379", "clip": "18101", "vae": "18102", "unet": "18103"}
+    env = layout_env(
+        "1gpu",
+        LUNA_MODELS_DIR=str(models),
+        LUNA_IMAGE="luna-stack:ci",
+        LUNA_REDIS_IMAGE="luna-stack-redis:ci",
+        **{f"LUNA_PUBLISH_PORT_{name.upper()}": port for name, port in ports.items()},
+    )
+    services = load_project([BASE_FILE, CPU_FILE], env)["services"]
+    assert set(services) == {"redis", *LUNA_KINDS}
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        for reset in ("ports", "deploy", "ipc", "pid"):
+            assert reset not in service, f"{name}: {reset} survives the CPU override"
+        assert service["restart"] == "unless-stopped"
+
+    redis = services["redis"]
+    assert redis["image"] == "luna-stack-redis:ci"
+    assert _redis_option(redis, "--bind") == "127.0.0.1" and _redis_option(redis, "--port") == ports["redis"]
+    assert _redis_option(redis, "--appendonly") == "yes"
+    assert _redis_password(redis) == REDIS_PASSWORD
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "-p", ports["redis"], "ping"]
+
+    for kind in LUNA_KINDS:
+        service, kind_env = services[kind], services[kind]["environment"]
+        assert service["image"] == "luna-stack:ci" and service["command"] == ["luna-stack", "serve", kind]
+        assert kind_env["LUNA_HOST"] == "127.0.0.1" and kind_env["LUNA_PORT"] == ports[kind]
+        assert kind_env["LUNA_DEVICE"] == "cpu" and kind_env["LUNA_TOKEN"] == TOKEN
+        assert kind_env["LUNA_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@127.0.0.1:{ports['redis']}/0"
+        [models_mount] = [v for v in service["volumes"] if isinstance(v, dict) and v["target"] == "/models"]
+        assert models_mount["source"] == str(models) and models_mount["read_only"] is True
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert service["healthcheck"]["interval"] == "3s"
+        assert service["build"]["args"]["BASE_IMAGE"].startswith("debian:")
+        assert "whl/cpu" in service["build"]["args"]["TORCH_INDEX_URL"]
 
 
 def test_deploy_doc_gpu_table_matches_the_compose_layouts() -> None:
@@ -423,8 +599,9 @@ def translate(
     test = service["healthcheck"]["test"]
     assert test[0] == "CMD", f"{name}: healthcheck must be exec form"
     healthcheck = [_executable(test[1]), *test[2:]]
-    if argv[0].endswith("redis-server"):
-        # The container listens on 6379 with its data in the /data volume.
+    if "redis-server" in service["command"]:
+        # The container listens on 6379 with its data in the /data volume (the command passes its
+        # arguments on to redis-server).
         argv += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
         healthcheck += ["-p", str(port)]
     return LocalService(name, argv, env, healthcheck, port, workdir / f"{name}.log")
