@@ -27,7 +27,7 @@ from .encoders import ClipEncoder
 from .tokenize import CLIP_G, CLIP_L, EncoderSpec
 
 Family = Literal["sd15", "sdxl"]
-FOLDERS = ("checkpoints", "clip")
+FOLDERS = ("checkpoints", "clip", "text_encoders")  # text_encoders/: ComfyUI's newer name for clip/
 
 
 @dataclass

@@ -74,7 +74,10 @@ async def ipc_release(request: web.Request) -> web.Response:
 # -- models -------------------------------------------------------------------------------------------
 async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return web.json_response({"loaded": service.models(), "available": service.resident.available()})
+    body: dict[str, Any] = {"loaded": service.models(), "available": service.resident.available()}
+    if service.family.takes_lora:
+        body["loras"] = service.roots.list(["loras"])
+    return web.json_response(body)
 
 
 async def load_or_unload(request: web.Request) -> web.Response:

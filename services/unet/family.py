@@ -89,7 +89,8 @@ class Step:
 
 class UnetFamily(ModelFamily[LoadedUnet, Step]):
     kind = "unet"
-    folders = ("unet", "checkpoints")
+    folders = ("unet", "diffusion_models", "checkpoints")  # diffusion_models/: ComfyUI's newer name for unet/
+    takes_lora = True
     ops: ClassVar[Mapping[str, OpSpec]] = {"step": _STEP}
 
     section = UnetSettings

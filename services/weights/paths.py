@@ -9,7 +9,7 @@ from pathlib import Path
 from luna_stack.wire.errors import PathNotAllowed, UnknownModel
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf")
-FOLDERS = ("checkpoints", "vae", "clip", "unet", "loras", "embeddings")
+FOLDERS = ("checkpoints", "vae", "clip", "text_encoders", "unet", "diffusion_models", "loras", "embeddings")
 
 
 class ModelRoots:
@@ -55,14 +55,17 @@ class ModelRoots:
         )
 
     def list(self, folders: Iterable[str]) -> list[str]:
-        """Model file names (relative to their folder) in the given folders."""
+        """Model file names relative to their folder (`x.safetensors`, `sub/y.gguf`), sorted: the names
+        ComfyUI's loaders show for the same folder (symlinked folders followed, `.git` skipped, suffixes
+        in any case), limited to files this service reads and that resolve inside the roots."""
         names: set[str] = set()
         for root in self.roots:
             for folder in folders:
                 base = root / folder
-                if not base.is_dir():
-                    continue
-                for path in base.rglob("*"):
-                    if path.suffix in MODEL_SUFFIXES and path.is_file():
-                        names.add(path.relative_to(base).as_posix())
+                for dirpath, subdirs, files in os.walk(base, followlinks=True):
+                    subdirs[:] = [d for d in subdirs if d != ".git"]
+                    for file in files:
+                        path = Path(dirpath) / file
+                        if path.suffix.lower() in MODEL_SUFFIXES and self._inside(path.resolve()):
+                            names.add(path.relative_to(base).as_posix())
         return sorted(names)
