@@ -30,6 +30,7 @@ from PIL import Image
 
 from luna_stack.client.http import Client
 from luna_stack.devtools.embedded import EmbeddedService, free_port
+from luna_stack.devtools.supervisor import stop_processes
 from luna_stack.server import page as page_module
 from luna_stack.server.activity import MAX_CLIENTS, SLOW_KEPT, Activity
 from luna_stack.vae.family import build as build_vae
@@ -135,11 +136,7 @@ async def browser(tmp: Path) -> AsyncIterator[Page]:
             )
             yield page
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_processes([("chromium", proc)], timeout_s=10)
 
 
 @pytest.fixture
