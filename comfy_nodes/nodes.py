@@ -59,11 +59,12 @@ def _service_problem(kind: str, name: str, *folders: str) -> str | bool:
     """True when the service serves `name` (its own name, or a bare file name in one of the folders)."""
     svc = services()
     try:
-        served = svc.models(kind)
+        for fresh in (False, True):  # a cached list may predate the file: ask again before saying no
+            served = svc.models(kind, fresh)
+            if name in served or any(f"{folder}/{name}" in served for folder in folders):
+                return True
     except LunaStackError as exc:
         return str(exc)
-    if name in served or any(f"{folder}/{name}" in served for folder in folders):
-        return True
     listed = [n for n in served if n.split("/", 1)[0] in folders]
     label = name if "/" in name else f"{folders[0]}/{name}"
     return str(missing_model(kind, svc.settings.describe(kind), label, listed))

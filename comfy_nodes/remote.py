@@ -117,29 +117,29 @@ class Services:
         except LunaError as exc:
             raise user_error(exc, kind, self.settings.describe(kind)) from exc
 
-    def _listing(self, kind: str) -> dict[str, Any]:
-        """GET /v1/<kind>/models, reused for LISTING_TTL_S."""
+    def _listing(self, kind: str, fresh: bool = False) -> dict[str, Any]:
+        """GET /v1/<kind>/models, reused for LISTING_TTL_S unless `fresh`."""
         now = time.monotonic()
         cached = self._listings.get(kind)
-        if cached is not None and now - cached[0] < LISTING_TTL_S:
+        if not fresh and cached is not None and now - cached[0] < LISTING_TTL_S:
             return cached[1]
         listing = self.get(kind, f"/v1/{kind}/models")
         self._listings[kind] = (now, listing)
         return listing
 
-    def models(self, kind: str) -> list[str]:
+    def models(self, kind: str, fresh: bool = False) -> list[str]:
         """Model names a service can serve (loaded first)."""
-        listing = self._listing(kind)
+        listing = self._listing(kind, fresh)
         loaded = [m["name"] for m in listing.get("loaded", [])]
         return list(dict.fromkeys(loaded + list(listing.get("available", []))))
 
-    def loras(self, kind: str) -> list[str]:
+    def loras(self, kind: str, fresh: bool = False) -> list[str]:
         """LoRA names (relative to loras/) the service can apply."""
-        return list(self._listing(kind).get("loras", []))
+        return list(self._listing(kind, fresh).get("loras", []))
 
     def require_lora(self, kind: str, name: str) -> None:
         """Raise the one-sentence error unless `kind`'s service can apply the LoRA `name`."""
-        if name not in self.loras(kind):
+        if name not in self.loras(kind) and name not in self.loras(kind, fresh=True):
             raise LunaStackModelMissing(
                 f"LoRA {name!r} is in ComfyUI's loras folder, but the Luna Stack {kind.upper()} service at "
                 f"{self.settings.describe(kind)} cannot see it: put the same file at loras/{name} under the "
@@ -154,8 +154,10 @@ class Services:
         """The service name for ComfyUI's `name` (or an old prefixed name); raises the one-sentence error
         when `kind`'s service (default: the folder's) is down or does not serve it."""
         kind = kind or folder.kind
-        served = self.models(kind)
-        found = folder.service_name(name, served)
+        found = folder.service_name(name, self.models(kind))
+        if found is None:  # a cached list may predate the file: ask again before saying no
+            served = self.models(kind, fresh=True)
+            found = folder.service_name(name, served)
         if found is None:
             raise missing_model(kind, self.settings.describe(kind), folder.label(name), folder.names(served))
         return found

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,10 +25,10 @@ from luna_stack.devtools.embedded import EmbeddedService, free_port
 from luna_stack.unet.family import build as build_unet
 from luna_stack.vae.family import build as build_vae
 
+from .comfyui_harness import SERVED_SUFFIXES, install_as_pack
 from .conftest import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVED_SUFFIXES = (".safetensors", ".sft")  # of what ComfyUI's loaders list, what the services read
 
 
 def comfy_listing(*folders: Path) -> list[str]:
@@ -236,23 +235,6 @@ def test_zero_edit_mode_env_wins_over_the_pack_setting(tmp_path: Path) -> None:
 
 
 # -- the repository as a ComfyUI pack --------------------------------------------------------------------
-def install_as_pack(custom_nodes: Path) -> Path:
-    """What `git clone <repo> custom_nodes/luna-stack` gives: the repository's files (the working tree's
-    tracked and untracked-but-not-ignored files, so an uncommitted change is tested too)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    target = custom_nodes / "luna-stack"
-    for rel in filter(None, (f.decode() for f in files)):
-        if (ROOT / rel).is_file():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, target / rel)
-    return target
-
-
 # ComfyUI's own steps for a pack folder (nodes.load_custom_node): a module named by the folder's path,
 # its __init__.py executed, then NODE_CLASS_MAPPINGS / WEB_DIRECTORY read from it.
 _LOAD_LIKE_COMFYUI = """
