@@ -492,3 +492,45 @@ def main_fixtures(
         print(f"{name:18s} {path}  ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
+
+def demo_models_table() -> str:
+    """The README's table of what `luna-stack run --demo` (size small) writes, from the configs above."""
+    clip_l, clip_g = clip_config("l", "small"), clip_config("g", "small")
+    vae = vae_config("small")
+    rows = [
+        "| file | what | shapes |",
+        "|---|---|---|",
+    ]
+    for family in ("sd15", "sdxl"):
+        unet = unet_config(family, "small")
+        y = f", `y` [B, {unet['projection_class_embeddings_input_dim']}]" if family == "sdxl" else ""
+        encoders = "CLIP-L" if family == "sd15" else "CLIP-L + CLIP-G"
+        levels = ", ".join(
+            f"{c} + {d}-layer attention" if "CrossAttn" in t else str(c)
+            for c, d, t in zip(
+                unet["block_out_channels"],
+                unet["transformer_layers_per_block"],
+                unet["down_block_types"],
+                strict=True,
+            )
+        )
+        rows.append(
+            f"| `checkpoints/{family}-small.safetensors` | {family} checkpoint: UNet, VAE, {encoders} | "
+            f"UNet levels {levels}; `context` [B, 77, {unet['cross_attention_dim']}]{y}; "
+            "latent [B, 4, H/8, W/8] |"
+        )
+        rows.append(
+            f"| `unet/{family}-small-unet.safetensors`, `vae/{family}-small-vae.safetensors` | "
+            "the checkpoint's UNet and VAE as standalone files | as above |"
+        )
+    rows.append(
+        "| `clip/clip_l.safetensors`, `clip/clip_g.safetensors` | the text encoders (HF / OpenCLIP "
+        f"layout) | CLIP-L {clip_l['hidden_size']} wide, {clip_l['num_hidden_layers']} layers; CLIP-G "
+        f"{clip_g['hidden_size']} wide, {clip_g['num_hidden_layers']} layers, pooled "
+        f"{clip_g['projection_dim']}; 77-token chunks, the real vocabulary |"
+    )
+    rows.append(
+        f"| (every VAE) | AutoencoderKL | channels {vae['block_out_channels']}: IMAGE [B, H, W, 3] <-> "
+        f"latent [B, {vae['latent_channels']}, H/8, W/8] |"
+    )
+    return "\n".join(rows)
