@@ -35,7 +35,7 @@ COMPOSE := $(if $(filter 0,$(COMFYUI)),$(COMPOSE_BASE),$(COMPOSE_COMFYUI)) $(ENV
 COMPOSE_ALL := $(COMPOSE_COMFYUI) $(ENV_FILES)
 SCALE := $(if $(filter 0,$(COMFYUI)),,--scale comfyui=$(COMFYUI))
 
-.PHONY: help venv test test-gpu test-compose bench lint run fixtures build up down logs ps
+.PHONY: help venv test test-gpu test-compose test-comfyui screenshot bench lint run fixtures build up down logs ps
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -60,6 +60,17 @@ test-gpu: venv ## run the tests that need a CUDA GPU
 # LUNA_CI_CACHE (default ~/.cache/luna-stack-ci) keeps the engine's images, rootfs, wheels and Compose.
 test-compose: venv ## build the images and run the compose stack in containers (root, Debian)
 	VENV=$(abspath $(VENV)) bash tools/compose_test.sh
+
+# The pack inside real ComfyUI (COMFYUI_PATH: a checkout; COMFYUI_PYTHON: a Python with ComfyUI's
+# requirements, see docs/comfyui.md). Not in CI (no ComfyUI there): run before each release.
+COMFYUI_PYTHON ?= $(BIN)/python
+test-comfyui: venv ## the integration tests against real ComfyUI (COMFYUI_PATH=..., COMFYUI_PYTHON=...)
+	test -n "$(COMFYUI_PATH)" || { echo "set COMFYUI_PATH to a ComfyUI checkout"; exit 2; }
+	COMFYUI_PATH=$(COMFYUI_PATH) $(COMFYUI_PYTHON) -m pytest -q -p no:cacheprovider \
+		tests/test_comfy_integration.py tests/test_comfy_dropin_comfyui.py
+
+screenshot: venv ## the status page in headless Chromium, saved to docs/status-page.png
+	LUNA_REQUIRE_BROWSER=1 LUNA_STATUS_SCREENSHOT=docs/status-page.png $(BIN)/pytest -q tests/test_status_page.py
 
 # Each bench/bench_*.py prints its table and writes bench/results/<name>.json itself (device named in it).
 # BENCH_ARGS=--small runs them on the CPU fixtures.

@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from luna_stack.devtools.embedded import free_port
 from luna_stack.devtools.localrun import spawn_service, wait_ready
+from luna_stack.devtools.supervisor import stop_processes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,11 +64,7 @@ def service_process(kind: str, env: dict[str, str], timeout_s: float = 600) -> I
         wait_ready(kind, url, proc, timeout_s)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_processes([(kind, proc)], timeout_s=30)
 
 
 def median_ms(times: list[float]) -> float:

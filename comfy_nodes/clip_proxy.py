@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import LunaNodeError
+from .errors import LunaStackError
 from .lora_stack import LoraStack
 from .remote import Services
 from .wire import tokens_to_wire
@@ -85,7 +85,7 @@ class ClipProxy:
 
     def add_patches(self, patches: dict, strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
         if patches:  # only reached if something bypassed the pack's LoraLoader hook
-            raise LunaNodeError(
+            raise LunaStackError(
                 "weight patches cannot be applied to a shared CLIP; load LoRAs with LoraLoader "
                 "(the pack forwards them by file name)"
             )
@@ -98,7 +98,7 @@ class ClipProxy:
         return None
 
     def get_sd(self) -> dict[str, torch.Tensor]:
-        raise LunaNodeError("a shared (Luna Stack) CLIP has no local weights to save")
+        raise LunaStackError("a shared (Luna Stack) CLIP has no local weights to save")
 
     # -- tokenize locally, encode remotely ---------------------------------------------------------------
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs: Any) -> dict:
@@ -118,7 +118,7 @@ class ClipProxy:
         self, tokens: dict, return_pooled: bool | str = False, return_dict: bool = False
     ) -> Any:
         if return_pooled == "unprojected":
-            raise LunaNodeError("the shared CLIP service returns projected pooled outputs only")
+            raise LunaStackError("the shared CLIP service returns projected pooled outputs only")
         cond, pooled = self.encode_tokens(tokens)
         if return_dict:
             return {"cond": cond, "pooled_output": pooled}

@@ -20,7 +20,7 @@ import comfy.utils
 import folder_paths
 
 from .clip_proxy import ClipProxy
-from .errors import LunaNodeError
+from .errors import LunaStackError
 from .lora_stack import lora_name
 from .model_proxy import is_remote, with_lora
 
@@ -41,7 +41,7 @@ def _remember(path: str, sd: Any) -> None:
 def _name_of(lora: Any) -> str:
     entry = _loaded.get(id(lora))
     if entry is None or entry[1] is not lora:
-        raise LunaNodeError(
+        raise LunaStackError(
             "a LoRA for a shared (Luna Stack) model must come from a file in ComfyUI's loras folder "
             "(LoraLoader / LoraLoaderModelOnly); the same file must exist under the stack's loras/ root"
         )
@@ -70,6 +70,10 @@ def install() -> None:
         if not (remote_model or remote_clip):
             return load_lora(model, clip, lora, strength_model, strength_clip)
         name = _name_of(lora)
+        if remote_model and strength_model != 0:
+            model.model.diffusion_model.services.require_lora("unet", name)
+        if remote_clip and strength_clip != 0:
+            clip.services.require_lora("clip", name)
         local_model = None if remote_model else model
         local_clip = None if remote_clip else clip
         new_model, new_clip = (None, None)

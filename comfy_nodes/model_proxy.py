@@ -13,7 +13,7 @@ import comfy.model_patcher
 import comfy.supported_models
 import torch
 
-from .errors import RemotePatchError, check_remote_safe
+from .errors import LunaStackPatchError, check_remote_safe
 from .lora_stack import add_to_options, stack_in
 from .remote import Services
 
@@ -47,7 +47,9 @@ class RemoteDiffusionModel(torch.nn.Module):
         check_remote_safe(options)
         extra = sorted(k for k, v in kwargs.items() if v is not None)
         if extra:
-            raise RemotePatchError(f"the shared UNet takes x, timesteps, context, y and control; got {extra}")
+            raise LunaStackPatchError(
+                f"the shared UNet takes x, timesteps, context, y and control; got {extra}"
+            )
         out = self.services.unet_step(self.model_name, x, timesteps, context, y, control, stack_in(options))
         return out.to(device=x.device, dtype=x.dtype)
 

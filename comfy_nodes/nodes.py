@@ -1,5 +1,10 @@
 """The pack's nodes. Loaders return proxies ComfyUI's standard nodes accept; the Luna-compatible nodes
-(for users of the Luna daemon) call the services directly. Lists come from the services themselves."""
+(for users of the Luna daemon) call the services directly.
+
+Loader lists hold ComfyUI's own names for the files the services serve (names.py); every model input is
+checked when a prompt is queued (VALIDATE_INPUTS, which replaces ComfyUI's list check), so a service that
+is down or lacks the file gives one sentence in the UI instead of "Value not in list".
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from typing import Any
 
 import torch
 
-from .errors import LunaNodeError
+from . import names
+from .errors import LunaStackError, missing_model
+from .names import Folder
 from .remote import Services, services
 from .vae_proxy import VaeProxy
 from .wire import SIZE_KEYS, conditioning, latent, size_params
@@ -19,14 +26,53 @@ CATEGORY = "Luna Stack"
 NONE = "none"
 
 
-def _choices(kind: str, *folders: str) -> list[str]:
-    """A service's models under the given folders; empty (with a warning) while the service is down."""
+def _choices(folder: Folder) -> list[str]:
+    """A loader's list: ComfyUI's names for the files the service serves. While the service is down, the
+    names ComfyUI itself sees in that folder (the same names when the models folder is shared), so a saved
+    workflow keeps its choice; queueing it then says what is wrong."""
     try:
-        names = services().models(kind)
-    except LunaNodeError as exc:
-        log.warning("Luna Stack: no %s model list: %s", kind, exc)
+        return services().names(folder)
+    except LunaStackError as exc:
+        log.warning("Luna Stack: %s", exc)
+        return _local_names(folder.comfy)
+
+
+def _local_names(comfy_folder: str) -> list[str]:
+    try:
+        import folder_paths
+    except ImportError:  # outside ComfyUI
         return []
-    return [n for n in names if not folders or n.split("/", 1)[0] in folders]
+    return folder_paths.get_filename_list(comfy_folder)
+
+
+def _service_choices(kind: str, *folders: str) -> list[str]:
+    """Service names (`vae/x.safetensors`) under the given folders, for the Luna-compatible nodes."""
+    try:
+        served = services().models(kind)
+    except LunaStackError as exc:
+        log.warning("Luna Stack: %s", exc)
+        return []
+    return [n for n in served if not folders or n.split("/", 1)[0] in folders]
+
+
+def _service_problem(kind: str, name: str, *folders: str) -> str | bool:
+    """True when the service serves `name` (its own name, or a bare file name in one of the folders)."""
+    svc = services()
+    try:
+        for fresh in (False, True):  # a cached list may predate the file: ask again before saying no
+            served = svc.models(kind, fresh)
+            if name in served or any(f"{folder}/{name}" in served for folder in folders):
+                return True
+    except LunaStackError as exc:
+        return str(exc)
+    listed = [n for n in served if n.split("/", 1)[0] in folders]
+    label = name if "/" in name else f"{folders[0]}/{name}"
+    return str(missing_model(kind, svc.settings.describe(kind), label, listed))
+
+
+def _valid(problem: str | None) -> str | bool:
+    """VALIDATE_INPUTS' answer: True, or the sentence ComfyUI shows."""
+    return True if problem is None else problem
 
 
 def _clip_proxy(svc: Services, model: str, family: str | None = None) -> Any:
@@ -34,7 +80,7 @@ def _clip_proxy(svc: Services, model: str, family: str | None = None) -> Any:
 
     served = svc.clip_family(model)
     if family is not None and family != served:
-        raise LunaNodeError(f"CLIP model {model!r} is {served}, not {family}")
+        raise LunaStackError(f"CLIP model {model!r} is {served}, not {family}")
     return ClipProxy(svc, model, served)
 
 
@@ -45,6 +91,9 @@ def _model_proxy(svc: Services, model: str) -> Any:
 
 
 # -- loaders (proxies for ComfyUI's standard nodes) ----------------------------------------------------------
+CHECKPOINT_KINDS = ("unet", "clip", "vae")  # a checkpoint's MODEL, CLIP and VAE come from all three
+
+
 class SharedCheckpointLoader:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
@@ -53,11 +102,20 @@ class SharedCheckpointLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"ckpt_name": (_choices("unet", "checkpoints"),)}}
+        return {"required": {"ckpt_name": (_choices(names.CHECKPOINTS),)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ckpt_name: str) -> str | bool:
+        return _valid(services().problem(names.CHECKPOINTS, ckpt_name, CHECKPOINT_KINDS))
 
     def load(self, ckpt_name: str) -> tuple:
-        svc = services()
-        return _model_proxy(svc, ckpt_name), _clip_proxy(svc, ckpt_name), VaeProxy(svc, ckpt_name)
+        return load_checkpoint(services(), ckpt_name)
+
+
+def load_checkpoint(svc: Services, ckpt_name: str) -> tuple:
+    """MODEL, CLIP and VAE proxies for ComfyUI's checkpoint name (or an old `checkpoints/...` name)."""
+    unet, clip, vae = (svc.resolve(names.CHECKPOINTS, ckpt_name, kind) for kind in CHECKPOINT_KINDS)
+    return _model_proxy(svc, unet), _clip_proxy(svc, clip), VaeProxy(svc, vae)
 
 
 class SharedVAELoader:
@@ -67,10 +125,15 @@ class SharedVAELoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"vae_name": _vae_input()}}
+        return {"required": {"vae_name": (_choices(names.VAE),)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name: str) -> str | bool:
+        return _valid(services().problem(names.VAE, vae_name))
 
     def load(self, vae_name: str) -> tuple:
-        return (VaeProxy(services(), vae_name),)
+        svc = services()
+        return (VaeProxy(svc, svc.resolve(names.VAE, vae_name)),)
 
 
 class SharedCLIPLoader:
@@ -81,18 +144,31 @@ class SharedCLIPLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        names = _choices("clip")
+        listed = _choices(names.TEXT_ENCODERS)
         return {
             "required": {
-                "clip_name1": (names,),
-                "clip_name2": ([NONE, *names],),
+                "clip_name1": (listed,),
+                "clip_name2": ([NONE, *listed],),
                 "type": (["sd15", "sdxl"],),
             }
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str) -> str | bool:
+        for name in (clip_name1, clip_name2):
+            problem = None if name == NONE else services().problem(names.TEXT_ENCODERS, name)
+            if problem is not None:
+                return problem
+        return True
+
     def load(self, clip_name1: str, clip_name2: str, type: str) -> tuple:
-        name = clip_name1 if clip_name2 == NONE else f"{clip_name1}+{clip_name2}"
-        return (_clip_proxy(services(), name, type),)
+        return (load_clip(services(), [n for n in (clip_name1, clip_name2) if n != NONE], type),)
+
+
+def load_clip(svc: Services, clip_names: list[str], family: str | None) -> Any:
+    """A CLIP proxy for one text encoder file (or a checkpoint) or an SDXL pair, by ComfyUI's names."""
+    name = "+".join(svc.resolve(names.TEXT_ENCODERS, n) for n in clip_names)
+    return _clip_proxy(svc, name, family)
 
 
 class SharedUNetLoader:
@@ -102,15 +178,35 @@ class SharedUNetLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"unet_name": (_choices("unet"),)}}
+        return {"required": {"unet_name": (_choices(names.DIFFUSION_MODELS),)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, unet_name: str) -> str | bool:
+        return _valid(services().problem(names.DIFFUSION_MODELS, unet_name))
 
     def load(self, unet_name: str) -> tuple:
-        return (_model_proxy(services(), unet_name),)
+        svc = services()
+        return (_model_proxy(svc, svc.resolve(names.DIFFUSION_MODELS, unet_name)),)
 
 
-# -- Luna-compatible nodes -----------------------------------------------------------------------------------
+# -- Luna-compatible nodes (service names: `vae/x.safetensors`, `checkpoints/y.safetensors`) ----------------
+VAE_FOLDERS = ("vae", "checkpoints")
+
+
 def _vae_input() -> tuple:
-    return (_choices("vae", "vae", "checkpoints"),)
+    return (_service_choices("vae", *VAE_FOLDERS),)
+
+
+class _ValidatesVae:
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name: str) -> str | bool:
+        return _service_problem("vae", vae_name, *VAE_FOLDERS)
+
+
+class _ValidatesClip:
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name: str) -> str | bool:
+        return _service_problem("clip", clip_name, "checkpoints", "clip", "text_encoders")
 
 
 def _tile_inputs(size: int, overlap: int) -> dict:
@@ -124,7 +220,7 @@ def _tiles(tile_size: int, overlap: int, unit: int) -> dict[str, int]:
     return {"tile_x": tile_size // unit, "tile_y": tile_size // unit, "overlap": overlap // unit}
 
 
-class LunaSharedVAEDecode:
+class LunaSharedVAEDecode(_ValidatesVae):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -137,7 +233,7 @@ class LunaSharedVAEDecode:
         return (VaeProxy(services(), vae_name).decode(samples["samples"]),)
 
 
-class LunaSharedVAEEncode:
+class LunaSharedVAEEncode(_ValidatesVae):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
@@ -150,7 +246,7 @@ class LunaSharedVAEEncode:
         return (latent(VaeProxy(services(), vae_name).encode(pixels)),)
 
 
-class LunaSharedVAEDecodeTiled:
+class LunaSharedVAEDecodeTiled(_ValidatesVae):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "decode"
@@ -164,7 +260,7 @@ class LunaSharedVAEDecodeTiled:
         return (vae.decode_tiled(samples["samples"], **_tiles(tile_size, overlap, vae.downscale_ratio)),)
 
 
-class LunaSharedVAEEncodeTiled:
+class LunaSharedVAEEncodeTiled(_ValidatesVae):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "encode"
@@ -179,10 +275,10 @@ class LunaSharedVAEEncodeTiled:
 
 
 def _clip_input() -> tuple:
-    return (_choices("clip"),)
+    return (_service_choices("clip"),)
 
 
-class LunaSharedCLIPEncode:
+class LunaSharedCLIPEncode(_ValidatesClip):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
@@ -196,7 +292,7 @@ class LunaSharedCLIPEncode:
         return (conditioning(cond, pooled),)
 
 
-class LunaSharedCLIPEncodeSDXL:
+class LunaSharedCLIPEncodeSDXL(_ValidatesClip):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     FUNCTION = "encode"
@@ -215,7 +311,7 @@ class LunaSharedCLIPEncodeSDXL:
         return (conditioning(cond, pooled, sizes),)
 
 
-class LunaSharedCLIPEncodeDual:
+class LunaSharedCLIPEncodeDual(_ValidatesClip):
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")

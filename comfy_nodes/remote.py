@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -13,14 +16,17 @@ import torch
 from luna_stack.client.http import Client
 from luna_stack.wire.errors import LunaError, NotFound
 
-from .errors import LunaNodeError, user_error
+from .errors import LunaStackError, LunaStackModelMissing, missing_model, user_error
 from .lora_stack import LoraStack
+from .names import Folder
 from .settings import KINDS, PackSettings
 from .wire import control_to_wire, image_to_wire
 
 Progress = Callable[[int, int], None]
 PROGRESS_POLL_S = 0.25
-_TILED = {"decode_tiled", "encode_tiled"}
+LISTING_TTL_S = 2.0  # one prompt's validation asks for the same lists many times
+# This ComfyUI process as the services see it: batching fairness, IPC buffer ownership, per-client counts.
+CLIENT_NAME = f"comfyui-{socket.gethostname()}-{os.getpid()}"
 
 
 class Services:
@@ -32,6 +38,7 @@ class Services:
         self._clients: dict[str, Client] = {}
         self._lock = threading.Lock()
         self._pollers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="luna-progress")
+        self._listings: dict[str, tuple[float, dict[str, Any]]] = {}
 
     def client(self, kind: str) -> Client:
         with self._lock:
@@ -41,7 +48,7 @@ class Services:
                     url=self.settings.urls[kind],
                     redis_url=self.settings.redis_url,
                     token=self.settings.token,
-                    name="comfyui",
+                    name=CLIENT_NAME,
                 )
             return self._clients[kind]
 
@@ -110,11 +117,59 @@ class Services:
         except LunaError as exc:
             raise user_error(exc, kind, self.settings.describe(kind)) from exc
 
-    def models(self, kind: str) -> list[str]:
-        """Model names a service can serve (loaded first), for the loaders' lists."""
+    def _listing(self, kind: str, fresh: bool = False) -> dict[str, Any]:
+        """GET /v1/<kind>/models, reused for LISTING_TTL_S unless `fresh`."""
+        now = time.monotonic()
+        cached = self._listings.get(kind)
+        if not fresh and cached is not None and now - cached[0] < LISTING_TTL_S:
+            return cached[1]
         listing = self.get(kind, f"/v1/{kind}/models")
+        self._listings[kind] = (now, listing)
+        return listing
+
+    def models(self, kind: str, fresh: bool = False) -> list[str]:
+        """Model names a service can serve (loaded first)."""
+        listing = self._listing(kind, fresh)
         loaded = [m["name"] for m in listing.get("loaded", [])]
         return list(dict.fromkeys(loaded + list(listing.get("available", []))))
+
+    def loras(self, kind: str, fresh: bool = False) -> list[str]:
+        """LoRA names (relative to loras/) the service can apply."""
+        return list(self._listing(kind, fresh).get("loras", []))
+
+    def require_lora(self, kind: str, name: str) -> None:
+        """Raise the one-sentence error unless `kind`'s service can apply the LoRA `name`."""
+        if name not in self.loras(kind) and name not in self.loras(kind, fresh=True):
+            raise LunaStackModelMissing(
+                f"LoRA {name!r} is in ComfyUI's loras folder, but the Luna Stack {kind.upper()} service at "
+                f"{self.settings.describe(kind)} cannot see it: put the same file at loras/{name} under the "
+                "stack's model roots (share the loras folder with ComfyUI) and queue the prompt again."
+            )
+
+    def names(self, folder: Folder) -> list[str]:
+        """What ComfyUI's own loader for `folder` lists, for the files the service serves."""
+        return folder.names(self.models(folder.kind))
+
+    def resolve(self, folder: Folder, name: str, kind: str | None = None) -> str:
+        """The service name for ComfyUI's `name` (or an old prefixed name); raises the one-sentence error
+        when `kind`'s service (default: the folder's) is down or does not serve it."""
+        kind = kind or folder.kind
+        found = folder.service_name(name, self.models(kind))
+        if found is None:  # a cached list may predate the file: ask again before saying no
+            served = self.models(kind, fresh=True)
+            found = folder.service_name(name, served)
+        if found is None:
+            raise missing_model(kind, self.settings.describe(kind), folder.label(name), folder.names(served))
+        return found
+
+    def problem(self, folder: Folder, name: str, kinds: tuple[str, ...] = ()) -> str | None:
+        """None when every service in `kinds` (default: the folder's) serves `name`; else the sentence."""
+        try:
+            for kind in kinds or (folder.kind,):
+                self.resolve(folder, name, kind)
+        except LunaStackError as exc:
+            return str(exc)
+        return None
 
     def status(self) -> dict[str, Any]:
         """Every service's /v1/status, or the readable error for one that is down."""
@@ -122,7 +177,7 @@ class Services:
         for kind in KINDS:
             try:
                 out[kind] = self.get(kind, "/v1/status")
-            except LunaNodeError as exc:
+            except LunaStackError as exc:
                 out[kind] = {"error": str(exc)}
         return out
 

@@ -5,12 +5,20 @@ A URL wins over Redis discovery; with neither, a service is looked for on its de
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from luna_stack.jobs.redis import redacted
-from luna_stack.wire.contract import KINDS
+from luna_stack.wire.contract import KINDS, default_url
+
+log = logging.getLogger("luna_stack.comfy")
+ZERO_EDIT_ENV = "LUNA_ZERO_EDIT"
+ZERO_EDIT_SETTING = "LunaStack.ZeroEdit"  # web/luna_stack.js registers it in ComfyUI's settings dialog
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -26,9 +34,30 @@ class PackSettings:
         return cls(urls, env.get("LUNA_REDIS_URL") or None, env.get("LUNA_TOKEN") or None)
 
     def describe(self, kind: str) -> str:
-        """Where `kind` is looked for, for error messages."""
+        """Where `kind` is looked for and why, for messages: `http://h:8103 (LUNA_UNET_URL)`."""
         if self.urls[kind]:
             return f"{self.urls[kind]} (LUNA_{kind.upper()}_URL)"
         if self.redis_url:
             return f"the Redis registry at {redacted(self.redis_url)} (LUNA_REDIS_URL)"
-        return f"the default local port (set LUNA_{kind.upper()}_URL or LUNA_REDIS_URL)"
+        return f"{default_url(kind)} (the default)"
+
+
+def zero_edit_enabled(env: Mapping[str, str] | None = None, settings_file: Path | None = None) -> bool:
+    """Zero-edit mode: LUNA_ZERO_EDIT when set (1/0, true/false, on/off), else the pack's setting in
+    ComfyUI's settings file (user/default/comfy.settings.json), else off."""
+    env = os.environ if env is None else env
+    value = (env.get(ZERO_EDIT_ENV) or "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    if value:
+        log.warning("Luna Stack: %s=%r is neither on (1) nor off (0); ignored", ZERO_EDIT_ENV, value)
+    if settings_file is None or not settings_file.is_file():
+        return False
+    try:
+        saved = json.loads(settings_file.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("Luna Stack: cannot read %s (%s); zero-edit mode stays off", settings_file, exc)
+        return False
+    return isinstance(saved, dict) and saved.get(ZERO_EDIT_SETTING) is True

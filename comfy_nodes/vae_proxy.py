@@ -12,7 +12,7 @@ import torch
 
 from luna_stack.wire.contract import VAE_SCALE
 
-from .errors import LunaNodeError
+from .errors import LunaStackError
 from .progress import comfy_progress
 from .remote import Services
 
@@ -68,7 +68,7 @@ class VaeProxy:
         return pixels[:, top : top + h, left : left + w, :]
 
     def get_sd(self) -> dict[str, torch.Tensor]:
-        raise LunaNodeError("a shared (Luna Stack) VAE has no local weights to save")
+        raise LunaStackError("a shared (Luna Stack) VAE has no local weights to save")
 
     # -- compute --------------------------------------------------------------------------------------------
     def decode(self, samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from luna_stack.wire.contract import CONTROL_KINDS, SIZE_KEYS
 
-from .errors import LunaNodeError
+from .errors import LunaStackError
 
 
 def tokens_to_wire(
@@ -29,7 +29,7 @@ def tokens_to_wire(
             for item in chunk:
                 token, weight = item[0], item[1]
                 if isinstance(token, torch.Tensor) or not isinstance(token, int):
-                    raise LunaNodeError(
+                    raise LunaStackError(
                         "this prompt uses a textual-inversion embedding loaded by ComfyUI; shared CLIP "
                         "encoding cannot send it. Put the embedding into the stack's embeddings/ folder "
                         "and use a Luna Shared CLIP Encode node (the service tokenizes the text itself)."
@@ -48,7 +48,7 @@ def latent(samples: torch.Tensor) -> dict[str, torch.Tensor]:
 def image_to_wire(pixels: torch.Tensor) -> torch.Tensor:
     """IMAGE [B,H,W,C] in 0..1 -> the VAE's input: RGB only (VAEEncode drops alpha), float32."""
     if pixels.ndim != 4:
-        raise LunaNodeError(f"expected an IMAGE batch [B,H,W,C], got shape {list(pixels.shape)}")
+        raise LunaStackError(f"expected an IMAGE batch [B,H,W,C], got shape {list(pixels.shape)}")
     return pixels[..., :3].float().contiguous()
 
 
@@ -72,7 +72,7 @@ def control_to_wire(control: Mapping[str, Sequence[torch.Tensor | None]] | None)
     lengths: dict[str, int] = {}
     for kind, items in (control or {}).items():
         if kind not in CONTROL_KINDS:
-            raise LunaNodeError(f"control residuals of kind {kind!r} cannot be sent to the UNet service")
+            raise LunaStackError(f"control residuals of kind {kind!r} cannot be sent to the UNet service")
         if not items:
             continue
         lengths[kind] = len(items)

@@ -135,6 +135,12 @@ class CoreSettings:
     heartbeat_s: float = setting(
         5.0, "Registry heartbeat period; entries expire after 3 periods.", minimum=0.1
     )
+    slow_request_ms: float = setting(
+        1000.0,
+        "Requests taking at least this long are kept in the recent slow requests of /v1/status and the "
+        "status page (the last 50).",
+        minimum=0,
+    )
 
 
 @dataclasses.dataclass

@@ -25,6 +25,8 @@ from luna_stack.devtools.fixtures import write_models_dir
 from luna_stack.devtools.localrun import spawn_service, start_redis_server, wait_ready
 from luna_stack.server.service import Service
 
+from .comfyui_harness import comfy  # noqa: F401  (session-wide: ComfyUI imports once per process)
+
 
 @dataclasses.dataclass
 class RedisServer:

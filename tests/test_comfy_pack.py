@@ -123,10 +123,15 @@ def test_patches_that_cannot_run_remotely_are_refused() -> None:
 
 # -- errors and configuration ----------------------------------------------------------------------------
 def test_user_errors_say_what_to_do() -> None:
-    down = user_error(Unavailable("connection refused"), "vae", "http://h:1 (LUNA_VAE_URL)")
-    assert "VAE service is not reachable via http://h:1 (LUNA_VAE_URL)" in str(down)
+    unreachable = Unavailable("cannot reach", details={"reason": "connection refused"})
+    down = user_error(unreachable, "vae", "http://h:1 (LUNA_VAE_URL)")
+    assert str(down) == (
+        "The Luna Stack VAE service is not reachable at http://h:1 (LUNA_VAE_URL) (connection refused): "
+        "start the stack (`luna-stack run`, or `make up` with Docker) or point LUNA_VAE_URL at it."
+    )
     missing = user_error(UnknownModel("no model 'x'"), "unet", "u")
     assert "does not have that model: no model 'x'" in str(missing) and "model roots" in str(missing)
+    assert type(down).__name__ == "LunaStackUnavailable" and type(missing).__name__ == "LunaStackModelMissing"
 
 
 def test_settings_from_environment() -> None:
@@ -139,7 +144,7 @@ def test_settings_from_environment() -> None:
 def test_service_down_is_a_readable_node_error() -> None:
     svc = services_for()
     try:
-        with pytest.raises(LunaNodeError, match=r"VAE service is not reachable via http://127\.0\.0\.1:\d+"):
+        with pytest.raises(LunaNodeError, match=r"VAE service is not reachable at http://127\.0\.0\.1:\d+"):
             VaeProxy(svc, "vae/x.safetensors").decode(torch.zeros(1, 4, 8, 8))
         text = nodes.format_status(svc.status())
         assert text.count("DOWN") == 3
@@ -191,8 +196,10 @@ def test_luna_vae_nodes_and_proxy_against_the_service(
     vae = start_service(build_vae, make_settings(models_dir))
     svc = pack(vae=vae.url)
     names = nodes.LunaSharedVAEDecode.INPUT_TYPES()["required"]["vae_name"][0]
-    assert "vae/sd15-small-vae.safetensors" in names and SD15 in names
-    assert nodes.SharedVAELoader.INPUT_TYPES()["required"]["vae_name"][0] == names
+    assert "vae/sd15-small-vae.safetensors" in names and SD15 in names  # service names (two folders)
+    # The Shared VAE Loader lists vae/ as ComfyUI's VAELoader does.
+    listed = nodes.SharedVAELoader.INPUT_TYPES()["required"]["vae_name"][0]
+    assert "sd15-small-vae.safetensors" in listed and not any("/" in n for n in listed)
 
     torch.manual_seed(0)
     samples = torch.randn(1, 4, 12, 16)
@@ -287,7 +294,7 @@ def test_unet_steps_carry_the_lora_stack(models_dir: Path, start_service, pack) 
     write_lora(models_dir / "loras" / "pack-unet.safetensors", model, "unet", "kohya", rank=4, seed=3)
     unet = start_service(build_unet, make_settings(models_dir))
     svc = pack(unet=unet.url)
-    assert SD15 in nodes.SharedUNetLoader.INPUT_TYPES()["required"]["unet_name"][0]
+    assert "sd15-small-unet.safetensors" in nodes.SharedUNetLoader.INPUT_TYPES()["required"]["unet_name"][0]
     assert svc.unet_load(SD15)["family"] == "sd15"
     torch.manual_seed(1)
     cfg = unet_config("sd15", "small")

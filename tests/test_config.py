@@ -79,7 +79,7 @@ def test_unknown_keys_and_bad_files(tmp_path: Path) -> None:
 def test_readme_configuration_table_is_current() -> None:
     readme = (ROOT / "README.md").read_text()
     assert render(readme) == readme, (
-        "README's configuration table is stale: run python tools/update_readme.py"
+        "README's generated tables (configuration, demo models) are stale: run python tools/update_readme.py"
     )
     for row in settings_table().splitlines()[2:]:
         assert row in readme

@@ -97,6 +97,13 @@ async def test_step_over_http_equals_the_model_in_process(service, refs) -> None
             ref, inputs, down_block_additional_residuals=down, mid_block_additional_residual=mid
         )
         assert torch.equal(out["out"], expected)
+        # One-row residuals (what T2I-Adapters send for a cond + uncond batch) apply to every row, as
+        # ComfyUI's `h += residual` broadcasts them.
+        one_row = {k: v[:1] for k, v in control.items()}
+        out, _ = await client.call("step", inputs | one_row, {"model": SDXL})
+        repeated = {k: v[:1].expand_as(v).contiguous() for k, v in control.items()}
+        out_repeated, _ = await client.call("step", inputs | repeated, {"model": SDXL})
+        assert torch.equal(out["out"], out_repeated["out"]) and not torch.equal(out["out"], expected)
         half = {k: v.half() if k != "timesteps" else v for k, v in inputs.items()}
         out, _ = await client.call("step", half, {"model": SDXL})
         assert out["out"].dtype == torch.float16 and out["out"].shape == inputs["x"].shape

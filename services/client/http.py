@@ -101,6 +101,7 @@ class AsyncClient:
                 raise Unavailable(
                     f"no {self.kind} service is registered in Redis",
                     hint=f"start one (luna-stack serve {self.kind}) or give the client its URL",
+                    details={"url": self.redis_url, "reason": "no replica registered"},
                 )
             self._replica = min(live, key=lambda r: r.load.get("queue", 0))
         return self._replica.url
@@ -154,10 +155,13 @@ class AsyncClient:
             raise Unavailable(
                 f"cannot reach the {self.kind} service at {base}: {exc}",
                 hint=f"is it running? check `luna-stack status` or {base}/health/ready",
+                details={"url": base, "reason": _connection_reason(exc)},
             ) from None
         except asyncio.TimeoutError:
+            waited = f"no answer within {self.timeout.total:.0f} s"
             raise Unavailable(
-                f"the {self.kind} service at {base} did not answer within {self.timeout.total:.0f} s"
+                f"the {self.kind} service at {base} did not answer within {self.timeout.total:.0f} s",
+                details={"url": base, "reason": waited},
             ) from None
 
     async def call(
@@ -234,6 +238,16 @@ class AsyncClient:
                 return result
             if loop.time() >= deadline:
                 raise Unavailable(f"job {job_id} still {result.get('state')} after {timeout_s:.0f} s")
+
+
+def _connection_reason(exc: aiohttp.ClientConnectionError) -> str:
+    """'connection refused', 'name or service not known'...: the OS's words, without aiohttp's wrapping."""
+    os_error = getattr(exc, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.errno and os_error.errno > 0:
+        return os.strerror(os_error.errno).lower()
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror.lower()  # getaddrinfo's errors have negative numbers
+    return str(exc) or type(exc).__name__
 
 
 def _indexed(device: torch.device) -> torch.device:

@@ -83,6 +83,7 @@ class ClipWork:
 class ClipFamily(ModelFamily[ClipModel, ClipWork]):
     kind = "clip"
     folders = FOLDERS
+    takes_lora = True
     ops: ClassVar[Mapping[str, OpSpec]] = OPS
 
     section = ClipSettings

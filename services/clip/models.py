@@ -22,12 +22,13 @@ from luna_stack.weights.checkpoint import detect, load_shapes, load_state_dict
 from luna_stack.weights.ldm_layout import clip_hf_canonical, clip_openclip_to_hf
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import BadRequest, ModelLoadError
+from luna_stack.wire.tensors import dtype_name
 
 from .encoders import ClipEncoder
 from .tokenize import CLIP_G, CLIP_L, EncoderSpec
 
 Family = Literal["sd15", "sdxl"]
-FOLDERS = ("checkpoints", "clip")
+FOLDERS = ("checkpoints", "clip", "text_encoders")  # text_encoders/: ComfyUI's newer name for clip/
 
 
 @dataclass
@@ -58,6 +59,7 @@ class ClipModel:
             "family": self.family,
             "encoders": {k: {"layers": e.num_layers, "width": e.width} for k, e in self.encoders.items()},
             "cond_width": sum(e.width for e in self.encoders.values()),
+            "dtype": dtype_name(next(next(iter(self.encoders.values())).model.parameters()).dtype),
             "pooled_width": pooled.out_features if pooled is not None else self.encoders["l"].width,
             "bytes": self.nbytes,
         }

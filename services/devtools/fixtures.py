@@ -77,8 +77,10 @@ def vae_config(size: Size) -> dict[str, Any]:
     }
 
 
-def unet_config(family: Family, size: Size) -> dict[str, Any]:
-    """diffusers UNet2DConditionModel kwargs of the SD1.5 / SDXL UNet (small: same structure, narrow)."""
+def unet_config(family: Family, size: Size, depth: Sequence[int] | None = None) -> dict[str, Any]:
+    """diffusers UNet2DConditionModel kwargs of the SD1.5 / SDXL UNet (small: same structure, narrow).
+
+    `depth`: transformer layers per level instead of the family's, e.g. SDXL_LITE_DEPTH."""
     common = {"in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32}
     if family == "sd15":
         channels = [320, 640, 1280, 1280] if size == "full" else [32, 64]
@@ -94,7 +96,7 @@ def unet_config(family: Family, size: Size) -> dict[str, Any]:
             "use_linear_projection": False,
         }
     channels = [320, 640, 1280] if size == "full" else [64, 128]
-    depth = [1, 2, 10] if size == "full" else [1, 2]
+    depth = list(depth or ([1, 2, 10] if size == "full" else [1, 2]))
     context = clip_config("l", size)["hidden_size"] + clip_config("g", size)["hidden_size"]
     return {
         **common,
@@ -107,6 +109,50 @@ def unet_config(family: Family, size: Size) -> dict[str, Any]:
         "use_linear_projection": True,
         "class_embed_type": "projection",
         "projection_class_embeddings_input_dim": clip_config("g", size)["projection_dim"] + _SDXL_SIZE_EMBED,
+    }
+
+
+# SDXL's widths, conditioning and block layout with 1 / 2 instead of 2 / 10 transformer layers in its
+# attention levels (Segmind Vega's layout, which ComfyUI detects as an SDXL-family model): a quarter of the
+# parameters, for full-size SDXL tests on a small host.
+SDXL_LITE_DEPTH = (1, 1, 2)
+# Channels of a ControlNet's hint encoder (diffusers' default: the original ControlNet's).
+_HINT_CHANNELS = (16, 32, 96, 256)
+
+
+def controlnet_config(family: Family, size: Size, depth: Sequence[int] | None = None) -> dict[str, Any]:
+    """diffusers ControlNetModel kwargs for a ControlNet of `unet_config(family, size, depth)`: the same
+    encoder half, a hint encoder for RGB images, a zero convolution per residual."""
+    unet = unet_config(family, size, depth)
+    shared = [
+        "in_channels",
+        "down_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "norm_num_groups",
+        "cross_attention_dim",
+        "transformer_layers_per_block",
+        "attention_head_dim",
+        "use_linear_projection",
+        "class_embed_type",
+        "projection_class_embeddings_input_dim",
+    ]
+    return {
+        **{k: unet[k] for k in shared if k in unet},
+        "conditioning_channels": 3,
+        "conditioning_embedding_out_channels": list(_HINT_CHANNELS),
+    }
+
+
+def t2i_adapter_config(family: Family) -> dict[str, Any]:
+    """diffusers T2IAdapter kwargs of the full-size adapters (SD1.5: pixel-unshuffle 8; SDXL: 16)."""
+    xl = family == "sdxl"
+    return {
+        "in_channels": 3,
+        "channels": [320, 640, 1280, 1280],
+        "num_res_blocks": 2,
+        "downscale_factor": 16 if xl else 8,
+        "adapter_type": "full_adapter_xl" if xl else "full_adapter",
     }
 
 
@@ -233,7 +279,7 @@ def _write(path: Path, parts: Sequence[_Part], dtype: torch.dtype, metadata: dic
 
 # Each component gets its own seed stream, so e.g. write_vae(seed=s) holds the same weights as the
 # VAE inside write_checkpoint(seed=s).
-_SEED_OFFSET = {"unet": 0, "vae": 1, "clip_l": 2, "clip_g": 3}
+_SEED_OFFSET = {"unet": 0, "vae": 1, "clip_l": 2, "clip_g": 3, "control": 4}
 
 
 def _seed(seed: int, kind: str) -> int:
@@ -261,10 +307,12 @@ def _vae_part(size: Size, seed: int, prefix: str) -> _Part:
     )
 
 
-def _unet_part(family: Family, size: Size, seed: int, prefix: str) -> _Part:
+def _unet_part(
+    family: Family, size: Size, seed: int, prefix: str, depth: Sequence[int] | None = None
+) -> _Part:
     from diffusers import UNet2DConditionModel
 
-    config = unet_config(family, size)
+    config = unet_config(family, size, depth)
     return _Part(
         build=_on_meta(lambda: UNet2DConditionModel(**config)),
         rename=lambda sd: ldm_layout.unet_diffusers_to_ldm(sd, config),
@@ -340,11 +388,53 @@ def write_unet(
     size: Size = "small",
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
+    depth: Sequence[int] | None = None,
 ) -> Path:
     """A standalone diffusion-model file (unet/*.safetensors) in LDM naming, no prefix."""
-    return _write(
-        Path(path), [_unet_part(family, size, seed, "")], dtype, _metadata("unet", family, size, seed)
+    part = _unet_part(family, size, seed, "", depth)
+    return _write(Path(path), [part], dtype, _metadata("unet", family, size, seed))
+
+
+def write_controlnet(
+    path: str | Path,
+    family: Family = "sd15",
+    size: Size = "full",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    depth: Sequence[int] | None = None,
+) -> Path:
+    """A ControlNet (controlnet/*.safetensors) in the original layout (`control_model.*`), for the UNet of
+    the same family, size and depth. Random weights everywhere, the zero convolutions included, so its
+    residuals are not zero."""
+    from diffusers import ControlNetModel
+
+    config = controlnet_config(family, size, depth)
+    unet = unet_config(family, size, depth)
+    hint_blocks = 2 * (len(_HINT_CHANNELS) - 1)
+    part = _Part(
+        build=_on_meta(lambda: ControlNetModel(**config)),
+        rename=lambda sd: ldm_layout.controlnet_diffusers_to_ldm(sd, unet, hint_blocks),
+        prefix="control_model.",
+        seed=_seed(seed, "control"),
     )
+    return _write(Path(path), [part], dtype, _metadata("controlnet", family, size, seed))
+
+
+def write_t2i_adapter(
+    path: str | Path, family: Family = "sd15", seed: int = 0, dtype: torch.dtype = torch.float16
+) -> Path:
+    """A T2I-Adapter (t2i_adapter/*.safetensors) in diffusers' layout (`adapter.body.N.resnets.M.*`), which
+    ComfyUI's ControlNet loader reads; full size (its residuals feed a full-size UNet)."""
+    from diffusers import T2IAdapter
+
+    config = t2i_adapter_config(family)
+    part = _Part(
+        build=_on_meta(lambda: T2IAdapter(**config)),
+        rename=dict,
+        prefix="",
+        seed=_seed(seed, "control"),
+    )
+    return _write(Path(path), [part], dtype, _metadata("t2i_adapter", family, "full", seed))
 
 
 def write_clip(
@@ -401,3 +491,46 @@ def main_fixtures(
     for name, path in write_models_dir(out_dir, size, families).items():
         print(f"{name:18s} {path}  ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
+
+
+def demo_models_table() -> str:
+    """The README's table of what `luna-stack run --demo` (size small) writes, from the configs above."""
+    clip_l, clip_g = clip_config("l", "small"), clip_config("g", "small")
+    vae = vae_config("small")
+    rows = [
+        "| file | what | shapes |",
+        "|---|---|---|",
+    ]
+    for family in ("sd15", "sdxl"):
+        unet = unet_config(family, "small")
+        y = f", `y` [B, {unet['projection_class_embeddings_input_dim']}]" if family == "sdxl" else ""
+        encoders = "CLIP-L" if family == "sd15" else "CLIP-L + CLIP-G"
+        levels = ", ".join(
+            f"{c} + {d}-layer attention" if "CrossAttn" in t else str(c)
+            for c, d, t in zip(
+                unet["block_out_channels"],
+                unet["transformer_layers_per_block"],
+                unet["down_block_types"],
+                strict=True,
+            )
+        )
+        rows.append(
+            f"| `checkpoints/{family}-small.safetensors` | {family} checkpoint: UNet, VAE, {encoders} | "
+            f"UNet levels {levels}; `context` [B, 77, {unet['cross_attention_dim']}]{y}; "
+            "latent [B, 4, H/8, W/8] |"
+        )
+        rows.append(
+            f"| `unet/{family}-small-unet.safetensors`, `vae/{family}-small-vae.safetensors` | "
+            "the checkpoint's UNet and VAE as standalone files | as above |"
+        )
+    rows.append(
+        "| `clip/clip_l.safetensors`, `clip/clip_g.safetensors` | the text encoders (HF / OpenCLIP "
+        f"layout) | CLIP-L {clip_l['hidden_size']} wide, {clip_l['num_hidden_layers']} layers; CLIP-G "
+        f"{clip_g['hidden_size']} wide, {clip_g['num_hidden_layers']} layers, pooled "
+        f"{clip_g['projection_dim']}; 77-token chunks, the real vocabulary |"
+    )
+    rows.append(
+        f"| (every VAE) | AutoencoderKL | channels {vae['block_out_channels']}: IMAGE [B, H, W, 3] <-> "
+        f"latent [B, {vae['latent_channels']}, H/8, W/8] |"
+    )
+    return "\n".join(rows)

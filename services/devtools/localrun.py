@@ -1,14 +1,15 @@
 """`luna-stack run`: the whole stack as local processes, no Docker.
 
-Starts redis-server (unless LUNA_REDIS_URL names one) with a generated password (kept in
-<state dir>/redis.password, mode 0600, never printed: the services get it in LUNA_REDIS_URL) and a
-maxmemory budget, then one `luna-stack serve <kind>` process per service, waits until each answers
-/health/ready, prints where everything is, and stops it all cleanly on Ctrl-C / SIGTERM (or when any
-process dies on its own).
+Checks every port first, starts redis-server (unless LUNA_REDIS_URL names one) with a generated password
+(kept in <state dir>/redis.password, mode 0600, never printed: the services get it in LUNA_REDIS_URL) and
+a maxmemory budget, then one `luna-stack serve <kind>` process per service under a supervisor
+(devtools/supervisor.py: a service that dies is restarted with backoff), prints where everything is once
+all are ready, and stops it all cleanly on Ctrl-C / SIGTERM. If redis-server itself dies, the stack stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -16,17 +17,26 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
 from luna_stack.config import load_settings
+from luna_stack.devtools.supervisor import (
+    Child,
+    Supervisor,
+    check_ports,
+    free_ports,
+    port_free,
+    ready,
+    serve_command,
+    stop_processes,
+    write_state,
+)
 from luna_stack.jobs.redis import redacted
+from luna_stack.weights.paths import MODEL_SUFFIXES
 from luna_stack.wire.contract import KINDS
 from luna_stack.wire.errors import ConfigError
 
@@ -43,15 +53,6 @@ DEMO_PRELOAD = {
 
 def available_services() -> list[str]:
     return [k for k in KINDS if importlib.util.find_spec(f"luna_stack.{k}.family") is not None]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def write_private(path: Path, text: str) -> None:
@@ -131,7 +132,7 @@ def _start_redis(state_dir: Path, maxmemory_mb: int) -> tuple[subprocess.Popen[b
 
 def spawn_service(kind: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """`luna-stack serve <kind>` as a child process with exactly `env`."""
-    return subprocess.Popen([sys.executable, "-m", "luna_stack.cli", "serve", kind], env=env)
+    return subprocess.Popen(serve_command(kind), env=env)
 
 
 def wait_ready(kind: str, url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -140,7 +141,7 @@ def wait_ready(kind: str, url: str, proc: subprocess.Popen[bytes], timeout_s: fl
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"luna-stack serve {kind} exited with status {proc.returncode}")
-        ok, why = _ready(url)
+        ok, why = ready(url)
         if ok:
             return
         if time.monotonic() > deadline:
@@ -148,28 +149,22 @@ def wait_ready(kind: str, url: str, proc: subprocess.Popen[bytes], timeout_s: fl
         time.sleep(0.2)
 
 
-def _ready(url: str) -> tuple[bool, str]:
-    try:
-        with urllib.request.urlopen(url + "/health/ready", timeout=2) as resp:
-            return resp.status == 200, ""
-    except urllib.error.HTTPError as err:
-        return False, err.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        return False, str(exc)
-
-
-def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for name, proc in procs.items():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", name)
-            proc.kill()
-            proc.wait()
+def demo_models(state_dir: Path, models: str | None) -> Path:
+    """Where --demo's small random models live: its own folder under the state dir, or --models when that
+    folder holds no models yet (or already the demo's). Never into a folder with other models."""
+    if models is None:
+        return (state_dir / "demo-models").resolve()
+    root = Path(models).resolve()
+    if (root / "checkpoints" / "sd15-small.safetensors").exists():
+        return root
+    found = [p for p in root.rglob("*") if p.suffix.lower() in MODEL_SUFFIXES] if root.is_dir() else []
+    if found:
+        raise ConfigError(
+            f"--demo writes small random-weight models, but {root} already holds models "
+            f"({found[0].relative_to(root)}, ...): drop --demo to serve them, or drop --models to use the "
+            f"demo's own folder ({state_dir / 'demo-models'})"
+        )
+    return root
 
 
 def run_local(
@@ -180,9 +175,12 @@ def run_local(
     config: str | None,
     state_dir: Path,
     base_port: int = 8100,
+    auto_ports: bool = False,
 ) -> int:
     env = dict(os.environ)
-    if models:
+    if demo:
+        env["LUNA_MODEL_ROOTS"] = str(demo_models(state_dir, models))
+    elif models:
         env["LUNA_MODEL_ROOTS"] = str(Path(models).resolve())
     env.setdefault("LUNA_MODEL_ROOTS", str(Path("models").resolve()))
     if config:
@@ -195,6 +193,12 @@ def run_local(
             f"unknown or unavailable service(s): {', '.join(unknown)}; "
             f"available: {', '.join(available_services())}"
         )
+    host = settings.core.host
+    if auto_ports:
+        ports = dict(zip(kinds, free_ports(len(kinds), host), strict=True))
+    else:
+        ports = {kind: base_port + PORT_OFFSETS[kind] for kind in kinds}
+    check_ports(ports, host)  # before anything starts
     root = Path(settings.core.model_roots[0])
     if demo:
         if not (root / "checkpoints" / "sd15-small.safetensors").exists():
@@ -205,48 +209,53 @@ def run_local(
         for kind in kinds:
             env.setdefault(f"LUNA_{kind.upper()}_PRELOAD", DEMO_PRELOAD[kind])
 
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    redis: subprocess.Popen[bytes] | None = None
     stopping = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
         stopping["signal"] = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    supervisor = Supervisor([Child(kind, host, ports[kind], env) for kind in kinds])
+    state_file = state_dir / "stack.json"
     try:
         if not settings.core.redis_url:
-            procs["redis"], env["LUNA_REDIS_URL"] = _start_redis(
-                state_dir, settings.core.local_redis_maxmemory_mb
-            )
-        urls = {}
-        for kind in kinds:
-            port = base_port + PORT_OFFSETS[kind]
-            child_env = {**env, "LUNA_PORT": str(port)}
-            procs[kind] = spawn_service(kind, child_env)
-            urls[kind] = f"http://{settings.core.host}:{port}"
-        pending = set(kinds)
+            redis, env["LUNA_REDIS_URL"] = _start_redis(state_dir, settings.core.local_redis_maxmemory_mb)
+        supervisor.start_all()
+        announced = False
         deadline = time.monotonic() + 600
         while stopping["signal"] is None:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    log.error("%s exited with status %s; stopping the stack", name, proc.returncode)
-                    return 1
-            for kind in sorted(pending):
-                ok, _why = _ready(urls[kind])
-                if ok:
-                    pending.discard(kind)
-                    log.info("%s ready at %s", kind, urls[kind])
-                    if not pending:
-                        _print_summary(urls, env["LUNA_REDIS_URL"], root, state_dir)
-            if pending and time.monotonic() > deadline:
-                log.error("not ready after 10 minutes: %s", ", ".join(sorted(pending)))
+            if redis is not None and redis.poll() is not None:
+                log.error("redis-server exited with status %s; stopping the stack", redis.returncode)
+                return 1
+            for child in supervisor.tick():
+                log.info("%s ready at %s", child.kind, child.url)
+            if not announced and not supervisor.pending():
+                announced = True
+                urls = {c.kind: c.url for c in supervisor.children}
+                write_state(state_file, urls, env["LUNA_REDIS_URL"])
+                _print_summary(urls, env["LUNA_REDIS_URL"], root, state_dir)
+            if not announced and time.monotonic() > deadline:
+                log.error("not ready after 10 minutes: %s", ", ".join(c.kind for c in supervisor.pending()))
                 return 1
             time.sleep(0.2)
         log.info("stopping (signal %s)", stopping["signal"])
         return 0
     finally:
-        _stop(procs)
+        supervisor.stop_all()
+        if redis is not None:
+            stop_processes([("redis-server", redis)])
+        with contextlib.suppress(FileNotFoundError):
+            state_file.unlink()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+
+
+def _cli() -> str:
+    """How to call the CLI from here: the venv's script when it is not on PATH."""
+    script = Path(sys.executable).with_name("luna-stack")
+    on_path = shutil.which("luna-stack")
+    return "luna-stack" if on_path and Path(on_path).resolve() == script.resolve() else str(script)
 
 
 def _print_summary(urls: dict[str, str], redis_url: str, root: Path, state_dir: Path) -> None:
@@ -254,8 +263,7 @@ def _print_summary(urls: dict[str, str], redis_url: str, root: Path, state_dir: 
     if redacted(redis_url) != redis_url and (state_dir / PASSWORD_FILE).is_file():
         where = f"   password in {state_dir / PASSWORD_FILE}"
     lines = ["", "Luna Stack is up (Ctrl-C stops everything):", f"  redis   {redacted(redis_url)}{where}"]
-    lines += [f"  {kind:7s} {url}   status: {url}/v1/status" for kind, url in urls.items()]
+    lines += [f"  {kind:7s} {url}   status page: {url}/" for kind, url in urls.items()]
     lines += [f"  models  {root}", ""]
-    if "vae" in urls:
-        lines.append(f"  try:   luna-stack status {' '.join(urls.values())}")
+    lines.append(f"  try:   {_cli()} status --state-dir {state_dir}")
     print("\n".join(lines), flush=True)

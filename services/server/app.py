@@ -11,7 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from luna_stack.server import lifecycle, middleware, routes
+from luna_stack.server import lifecycle, middleware, page, routes
+from luna_stack.server.activity import Activity
 from luna_stack.server.service import Service
 from luna_stack.server.state import SERVICE, STATE, AppState
 
@@ -32,8 +33,12 @@ def create_app(service: Service, port: int) -> web.Application:
         client_max_size=int(core.max_body_mb * (1 << 20)),
     )
     app[SERVICE] = service
-    app[STATE] = AppState(address=lifecycle.advertised_address(core.host, port, core.replica_address))
+    app[STATE] = AppState(
+        address=lifecycle.advertised_address(core.host, port, core.replica_address),
+        activity=Activity(core.slow_request_ms),
+    )
     routes.add_routes(app, service.kind)
+    page.add_routes(app)
     app.on_startup.append(lifecycle.on_startup)
     app.on_cleanup.append(lifecycle.on_cleanup)
     return app

@@ -145,6 +145,7 @@ class FamilySettings(Protocol):
 class ModelFamily(abc.ABC, Generic[M, W]):
     kind: ClassVar[str]
     folders: ClassVar[tuple[str, ...]]  # model folders under each root, searched in order
+    takes_lora: ClassVar[bool] = False  # requests may name loras/ files (GET /v1/<kind>/models lists them)
     ops: ClassVar[Mapping[str, OpSpec]]
     section: ClassVar[type]  # its settings section (services/<kind>/settings.py: a FamilySettings)
 

@@ -1,5 +1,5 @@
-"""What every request passes first: the error model (every failure is a JSON error body, counted) and the
-bearer token check."""
+"""What every request passes first: the error model (every failure is a JSON error body, counted per route
+and per client, slow ones kept) and the token check (a bearer header, or the status page's cookie)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from luna_stack.server import page
 from luna_stack.server.state import SERVICE, STATE
 from luna_stack.wire.contract import CLIENT_HEADER, OPEN_PATHS
 from luna_stack.wire.errors import ClientGone, LunaError, TooManyRequests, Unauthorized
@@ -25,6 +26,14 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 def _route_label(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"
+
+
+# Requests that count as a client's work: not the polling of status, metrics, progress or health.
+_NOT_COUNTED = ("/v1/status", "/v1/progress", "/v1/stack")
+
+
+def _counted(route: str) -> bool:
+    return route.startswith("/v1/") and not route.startswith(_NOT_COUNTED)
 
 
 @web.middleware
@@ -63,11 +72,18 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             {"error": {"code": "internal", "message": message, "hint": hint}}, status=500
         )
     finally:
+        seconds = time.perf_counter() - started
+        if status >= 400 and code == "ok":  # a handler's own error response (the page's login)
+            code = f"http_{status}"
         outcome = "ok" if status < 400 else "client_gone" if status == ClientGone.status else "failed"
         service.metrics.requests.labels(route=route, outcome=outcome, code=code).inc()
-        service.metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
-        if route.startswith("/v1/") and not route.startswith("/v1/status"):
-            request.app[STATE].requests.count(outcome)
+        service.metrics.request_seconds.labels(route=route).observe(seconds)
+        state = request.app[STATE]
+        counted = _counted(route)
+        if counted:
+            state.requests.count(outcome)
+        if counted and not request.query.get("wait"):  # a job result long-poll is slow by design
+            state.activity.record(request.method, request.path, client_id(request), status, code, seconds)
 
 
 def client_id(request: web.Request) -> str:
@@ -102,17 +118,27 @@ def per_client_limit(max_in_flight: int) -> Middleware:
 
 
 def auth(token: str | None) -> Middleware:
+    """With a token: every request but /health/* and the page's login needs `Authorization: Bearer
+    <token>`; GET requests may instead carry the cookie the status page's login sets (read-only, so a
+    browser can show the page and its live data)."""
     expected = f"Bearer {token}".encode() if token else None
+    cookie = page.cookie_value(token).encode() if token else b""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and request.path not in OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                raise Unauthorized(
-                    "missing or wrong bearer token" if given else "this service requires a bearer token",
-                    hint="send 'Authorization: Bearer <LUNA_TOKEN>'",
-                )
-        return await handler(request)
+        if expected is None or request.path in OPEN_PATHS or request.path == page.LOGIN_PATH:
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return await handler(request)
+        if request.method in ("GET", "HEAD"):
+            if hmac.compare_digest(request.cookies.get(page.COOKIE, "").encode(), cookie):
+                return await handler(request)
+            if request.path == page.PAGE_PATH:
+                return page.login_page(status=401, kind=request.app[SERVICE].kind)
+        raise Unauthorized(
+            "missing or wrong bearer token" if given else "this service requires a bearer token",
+            hint="send 'Authorization: Bearer <LUNA_TOKEN>'",
+        )
 
     return check

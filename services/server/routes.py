@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -75,7 +76,10 @@ async def ipc_release(request: web.Request) -> web.Response:
 # -- models -------------------------------------------------------------------------------------------
 async def models(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return web.json_response({"loaded": service.models(), "available": service.resident.available()})
+    body: dict[str, Any] = {"loaded": service.models(), "available": service.resident.available()}
+    if service.family.takes_lora:
+        body["loras"] = service.roots.list(["loras"])
+    return web.json_response(body)
 
 
 async def load_or_unload(request: web.Request) -> web.Response:
@@ -190,12 +194,24 @@ async def status(request: web.Request) -> web.Response:
         "models": service.models(),
         "queue": queue_info,
         "requests": dataclasses.asdict(state.requests),
+        "clients": state.activity.clients(),
+        "slow_requests": state.activity.slow(),
+        "slow_request_ms": state.activity.slow_ms,
+        "process": _process(),
         "redis": state.redis is not None,
         "gpu": nvml_status(),
         "ipc": service.ipc.describe(),
         **service.status(),
     }
     return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
+
+
+def _process() -> dict[str, Any]:
+    """This process: pid and resident memory (what a CPU-only host has instead of GPU memory)."""
+    rss = None
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"pid": os.getpid(), "rss_bytes": rss}
 
 
 async def metrics(request: web.Request) -> web.Response:

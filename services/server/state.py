@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from luna_stack.server.activity import Activity
 from luna_stack.server.service import Service
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class RequestCounts:
 @dataclass
 class AppState:
     address: str  # host:port advertised in the registry
+    activity: Activity  # per-client counts, recent slow requests
     started: float = field(default_factory=time.time)
     preloaded: bool = False
     preload_error: str | None = None

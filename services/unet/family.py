@@ -91,7 +91,8 @@ class Step:
 
 class UnetFamily(ModelFamily[LoadedUnet, Step]):
     kind = "unet"
-    folders = ("unet", "checkpoints")
+    folders = ("unet", "diffusion_models", "checkpoints")  # diffusion_models/: ComfyUI's newer name for unet/
+    takes_lora = True
     ops: ClassVar[Mapping[str, OpSpec]] = {"step": _STEP}
 
     section = UnetSettings
@@ -175,7 +176,7 @@ class UnetFamily(ModelFamily[LoadedUnet, Step]):
         if lengths is not None and not isinstance(lengths, dict):
             raise BadRequest('params.control_lengths must be an object like {"output": 12}')
         control = control_from_wire(tensors, lengths, len(input_block_shapes(model.unet, 1, 1)))
-        check_control(model.unet, control, x)
+        control = check_control(model.unet, control, x)
         stack = await self._lora_stack(model, params.get("lora"))
         step = Step(model, x, timesteps, context, y, control.named(), stack, request.sink)
         out, batch_rows = await request.compute(step)

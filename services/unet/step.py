@@ -117,18 +117,26 @@ def input_block_shapes(unet: UNet2DConditionModel, height: int, width: int) -> l
     return shapes
 
 
-def check_control(unet: UNet2DConditionModel, control: BlockResiduals, x: torch.Tensor) -> None:
-    """Every residual must match the activation it is added to (ComfyUI would only log and skip)."""
+def check_control(unet: UNet2DConditionModel, control: BlockResiduals, x: torch.Tensor) -> BlockResiduals:
+    """Every residual must match the activation it is added to (ComfyUI would only log and skip). A
+    residual of one row is added to every row, as ComfyUI's `h += residual` broadcasts it (T2I-Adapters
+    send one row for a cond + uncond batch); it comes back expanded to x's rows, so batches can merge."""
+    rows = x.shape[0]
     shapes = input_block_shapes(unet, x.shape[2], x.shape[3])
     expected = {f"input.{i}": s for i, s in enumerate(shapes)}
     expected.update({f"skip.{i}": s for i, s in enumerate(shapes)})
     expected["middle"] = shapes[-1]  # the last level has no downsampler: same shape as the middle block
+    checked = {}
     for slot, t in control.named().items():
-        want = [x.shape[0], *expected[slot]]
-        if list(t.shape) != want:
-            raise InvalidTensor(f"control residual for {slot} has shape {list(t.shape)}, expected {want}")
+        want = [rows, *expected[slot]]
+        if list(t.shape) != want and list(t.shape) != [1, *expected[slot]]:
+            raise InvalidTensor(
+                f"control residual for {slot} has shape {list(t.shape)}, expected {want} (or 1 row)"
+            )
         if not bool(torch.isfinite(t).all()):
             raise InvalidTensor(f"control residual for {slot} contains NaN or infinite values")
+        checked[slot] = t.expand(want)
+    return BlockResiduals.from_named(checked)
 
 
 def _add(h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

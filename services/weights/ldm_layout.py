@@ -257,6 +257,30 @@ def unet_key_map(config: Mapping[str, Any]) -> dict[str, str]:
     return dict(_unet_layout(_config_key(config))[0])
 
 
+def controlnet_diffusers_to_ldm(
+    sd: Mapping[str, Tensor], unet_config: Mapping[str, Any], hint_blocks: int
+) -> dict[str, Tensor]:
+    """diffusers ControlNetModel names -> the original ControlNet's (`control_model.` not included):
+    its encoder half is the UNet's (`input_blocks.*`, `middle_block.*`, embeddings), plus the hint encoder
+    (`input_hint_block.{0,2,..}`: conv_in, `hint_blocks` convs, conv_out, with SiLUs between) and the
+    zero convolutions (`zero_convs.N.0`, `middle_block_out.0`). ComfyUI's ControlNet loader reads this
+    layout from its shapes alone. `unet_config`: the UNet the ControlNet belongs to."""
+    rules = _unet_rules_for(unet_config) + _rules(
+        (r"controlnet_cond_embedding\.conv_in\.(\w+)", lambda m: f"input_hint_block.0.{m[1]}"),
+        (
+            r"controlnet_cond_embedding\.blocks\.(\d+)\.(\w+)",
+            lambda m: f"input_hint_block.{2 * int(m[1]) + 2}.{m[2]}",
+        ),
+        (
+            r"controlnet_cond_embedding\.conv_out\.(\w+)",
+            lambda m: f"input_hint_block.{2 * hint_blocks + 2}.{m[1]}",
+        ),
+        (r"controlnet_down_blocks\.(\d+)\.(\w+)", lambda m: f"zero_convs.{m[1]}.0.{m[2]}"),
+        (r"controlnet_mid_block\.(\w+)", lambda m: f"middle_block_out.0.{m[1]}"),
+    )
+    return {_translate(key, rules): tensor for key, tensor in sd.items()}
+
+
 def unet_ldm_to_diffusers(sd_ldm: Mapping[str, Tensor], config: Mapping[str, Any]) -> dict[str, Tensor]:
     """LDM UNet weights (prefix stripped) -> a state dict `UNet2DConditionModel(**config)` loads strictly."""
     to_ldm, shapes, _ = _unet_layout(_config_key(config))

@@ -18,7 +18,7 @@ from pathlib import Path, PurePath
 from luna_stack.wire.errors import BadRequest, LunaError, ModelLoadError, PathNotAllowed, UnknownModel
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".gguf")
-FOLDERS = ("checkpoints", "vae", "clip", "unet", "loras", "embeddings")
+FOLDERS = ("checkpoints", "vae", "clip", "text_encoders", "unet", "diffusion_models", "loras", "embeddings")
 MAX_NAME_CHARS = 1024  # a whole name; Linux's PATH_MAX is 4096 bytes, NAME_MAX 255 per component
 MAX_COMPONENT_BYTES = 255
 
@@ -124,14 +124,17 @@ class ModelRoots:
             return
         yield base
         try:
-            below = sorted(p for p in base.rglob("*") if p.is_dir() and not p.is_symlink())
+            below = sorted(
+                p for p in base.rglob("*") if p.is_dir() and not p.is_symlink() and ".git" not in p.parts
+            )
         except OSError:
             return
         yield from below
 
     def list(self, folders: Iterable[str]) -> list[str]:
-        """Loadable model files (relative to their folder) in the given folders: files whose real path,
-        symlinks resolved, is a regular file inside the roots."""
+        """Model file names relative to their folder (`x.safetensors`, `sub/y.gguf`), sorted: the names
+        ComfyUI's loaders show for the same folder (`.git` skipped, suffixes in any case), limited to files
+        whose real path, symlinks resolved, is a regular file inside the roots."""
         names: set[str] = set()
         for root in self.roots:
             for folder in folders:
@@ -142,7 +145,7 @@ class ModelRoots:
                     except OSError:
                         continue
                     for path in entries:
-                        if path.suffix in MODEL_SUFFIXES and self._loadable(path):
+                        if path.suffix.lower() in MODEL_SUFFIXES and self._loadable(path):
                             names.add(path.relative_to(base).as_posix())
         return sorted(names)
 
