@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -30,7 +31,6 @@ from PIL import Image
 
 from luna_stack.client.http import Client
 from luna_stack.devtools.embedded import EmbeddedService, free_port
-from luna_stack.devtools.supervisor import stop_processes
 from luna_stack.server import page as page_module
 from luna_stack.server.activity import MAX_CLIENTS, SLOW_KEPT, Activity
 from luna_stack.vae.family import build as build_vae
@@ -109,6 +109,7 @@ async def browser(tmp: Path) -> AsyncIterator[Page]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Debian's chromium-headless-shell is a script that starts the browser
     )
     try:
         deadline = time.monotonic() + 30
@@ -136,7 +137,27 @@ async def browser(tmp: Path) -> AsyncIterator[Page]:
             )
             yield page
     finally:
-        stop_processes([("chromium", proc)], timeout_s=10)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """SIGTERM to the browser's whole process group (the script and the browser it started), then SIGKILL
+    to whatever is left after timeout_s."""
+    group = proc.pid  # start_new_session: the group is the one this test created
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            break  # nothing of it is left
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    proc.wait(timeout=5)
 
 
 @pytest.fixture
