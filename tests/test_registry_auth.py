@@ -79,7 +79,7 @@ async def _plant(redis, entries: dict[str, bytes]) -> None:
 
 
 async def test_fake_registry_entries_are_ignored_and_never_see_the_token(
-    models_dir: Path, redis_url: str, start_service, caplog: pytest.LogCaptureFixture, capsys
+    models_dir: Path, redis_url: str, start_service, caplog: pytest.LogCaptureFixture, capsys, tmp_path: Path
 ) -> None:
     real = start_service(
         build, make_settings(models_dir, LUNA_REDIS_URL=redis_url, LUNA_TOKEN=TOKEN, LUNA_VAE_PRELOAD=VAE)
@@ -126,11 +126,11 @@ async def test_fake_registry_entries_are_ignored_and_never_see_the_token(
         assert sorted(m.split("'")[1] for m in logged) == sorted(planted)  # once each, not per lookup
 
         # `luna-stack status` reads the same registry: the real replica's status, the rest skipped.
-        assert await asyncio.to_thread(cli.status, [], TOKEN, redis_url) == 0
+        assert await asyncio.to_thread(cli.status, [], TOKEN, tmp_path / "no-run", True, redis_url) == 0
         printed = json.loads(capsys.readouterr().out)
         assert fake.requests == [] and fake.authorization == []
-    assert list(printed) == ["registry_skipped", real.url]
-    assert printed[real.url]["replica"] == real.service.replica_id
+    assert [s["url"] for s in printed["services"]] == [real.url]
+    assert printed["services"][0]["status"]["replica"] == real.service.replica_id
     reasons = {s["id"]: s["reason"] for s in printed["registry_skipped"]}
     assert sorted(reasons) == sorted(planted)
     assert "unsigned" in reasons["unsigned"]

@@ -118,18 +118,25 @@ class ModelRoots:
         )
 
     def _walk(self, base: Path) -> Iterator[Path]:
-        """`base` and the folders below it that stay inside the roots (symlinked folders are not
-        followed, so a loop cannot recurse)."""
-        if not base.is_dir():
-            return
-        yield base
-        try:
-            below = sorted(
-                p for p in base.rglob("*") if p.is_dir() and not p.is_symlink() and ".git" not in p.parts
-            )
-        except OSError:
-            return
-        yield from below
+        """`base` and the folders below it, symlinked folders followed as ComfyUI does while their real
+        path stays inside the roots; each real folder once (a symlink loop cannot recurse); `.git` skipped."""
+        seen: set[Path] = set()
+        pending = [base]
+        while pending:
+            folder = pending.pop()
+            try:
+                real = folder.resolve(strict=True)
+            except (OSError, RuntimeError):
+                continue
+            if real in seen or not real.is_dir() or not self._inside(real):
+                continue
+            seen.add(real)
+            yield folder
+            try:
+                children = sorted(folder.iterdir(), reverse=True)
+            except OSError:
+                continue
+            pending.extend(c for c in children if c.name != ".git" and c.is_dir())
 
     def list(self, folders: Iterable[str]) -> list[str]:
         """Model file names relative to their folder (`x.safetensors`, `sub/y.gguf`), sorted: the names
