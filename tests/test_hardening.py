@@ -297,3 +297,17 @@ async def test_resident_models_are_bounded_least_recently_used_first(models_dir:
         loaded = [m["name"] for m in (await client.status())["models"]]
     assert len(loaded) == 2 and VAE in loaded and names[2] in loaded  # the preloaded one stays
     assert svc.service.resident.evictions == 1
+
+
+async def test_the_unauthenticated_login_form_is_bounded(models_dir: Path, start_service) -> None:
+    """The status page's login needs no token, so it reads at most a few KiB: a 10 MiB form is refused
+    while it streams, and a malformed one is a 400."""
+    svc = start_service(build_vae, make_settings(models_dir, LUNA_TOKEN="t" * 32))
+    form = "application/x-www-form-urlencoded"
+    async with aiohttp.ClientSession() as session:
+        status, reply, elapsed = await _post(session, svc.url + "/login", b"token=" + b"x" * (10 << 20), form)
+        assert status == 413 and reply["error"]["code"] == "payload_too_large" and elapsed < ANSWER_S
+        status, reply, _ = await _post(session, svc.url + "/login", b"token=\xff\xfe", form)
+        assert status == 400 and reply["error"]["code"] == "invalid_body"
+        status, _reply, _ = await _post(session, svc.url + "/login", b"token=wrong", form)
+        assert status == 401

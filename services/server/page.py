@@ -14,16 +14,20 @@ import contextlib
 import hashlib
 import hmac
 import html
+import urllib.parse
 from importlib import resources
 
 from aiohttp import web
 
+from luna_stack.server import http_body
 from luna_stack.server.state import SERVICE, STATE
 from luna_stack.wire.contract import KINDS
+from luna_stack.wire.errors import InvalidBody
 
 PAGE_PATH = "/"
 LOGIN_PATH = "/login"
 COOKIE = "luna_status"
+_LOGIN_BYTES = 4096  # the login form: one token field
 
 
 def cookie_value(token: str) -> str:
@@ -82,8 +86,15 @@ async def login(request: web.Request) -> web.StreamResponse:
     to_page = web.Response(status=303, headers={"Location": PAGE_PATH})
     if not token:
         return to_page
-    form = await request.post()
-    given = str(form.get("token", ""))
+    # Unauthenticated: read through the body limits (a form of a few bytes), never aiohttp's post().
+    body = await http_body.read_body(
+        request, http_body.BodyLimits(_LOGIN_BYTES, service.settings.core.read_timeout_s)
+    )
+    try:
+        form = urllib.parse.parse_qs(body.decode(), max_num_fields=4)
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidBody("the login form is not a URL-encoded form") from None
+    given = (form.get("token") or [""])[0]
     if not hmac.compare_digest(given.encode(), token.encode()):
         return login_page(status=401, error="That is not this service's token.", kind=service.kind)
     to_page.set_cookie(COOKIE, cookie_value(token), httponly=True, samesite="Strict", path="/")

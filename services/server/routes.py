@@ -46,14 +46,21 @@ async def run_op(request: web.Request) -> web.StreamResponse:
         out, out_params = await service.run_op(op, tensors, params, client, HOST, abandoned)
         return await http_body.write_tensors(request, out, out_params)
     service.metrics.transport.labels(transport="ipc").inc()
-    async with service.ipc.request(spec, client) as (inputs, sink):
-        if clash := sorted(set(inputs) & set(tensors)):
-            raise BadRequest(f"tensors {clash} were sent both in the body and through IPC")
-        out, out_params = await service.run_op(op, {**tensors, **inputs}, params, client, sink, abandoned)
-        if any(name not in sink.placed for name in out):
-            await service.ipc.put_rest(sink, out)
-    body = {name: t for name, t in out.items() if name not in sink.placed}
-    return await http_body.write_tensors(request, body, {**out_params, IPC_PARAM: sink.reply()})
+
+    async def through_ipc() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        async with service.ipc.request(spec, client) as (inputs, sink):
+            if clash := sorted(set(inputs) & set(tensors)):
+                raise BadRequest(f"tensors {clash} were sent both in the body and through IPC")
+            out, out_params = await service.run_op(op, {**tensors, **inputs}, params, client, sink, abandoned)
+            if any(name not in sink.placed for name in out):
+                await service.ipc.put_rest(sink, out)
+        body = {name: t for name, t in out.items() if name not in sink.placed}
+        return body, out_params, sink.reply()
+
+    # Shielded from the handler's cancellation when the client leaves: the buffers stay leased (so never
+    # unmapped by the reaper) until a batch already writing into them has finished.
+    body, out_params, placed = await asyncio.shield(asyncio.ensure_future(through_ipc()))
+    return await http_body.write_tensors(request, body, {**out_params, IPC_PARAM: placed})
 
 
 async def ops(request: web.Request) -> web.Response:
