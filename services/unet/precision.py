@@ -81,6 +81,30 @@ class QuantizedWeight:
             raise ValueError(f"cannot view a {list(self.shape)} GGUF tensor as {list(shape)}")
         return QuantizedWeight(self.raw, self.qtype, shape)
 
+    def chunk_rows(self, parts: int) -> list[QuantizedWeight]:
+        """Split along dim 0 (a fused qkv into q, k, v): GGUF quantizes within rows, so whole rows are
+        whole blocks and each part keeps its bytes as stored."""
+        rows, *rest = self.shape
+        if rows % parts or self.raw.numel() % rows:
+            raise ValueError(f"cannot split a {list(self.shape)} GGUF tensor into {parts} row blocks")
+        per_row = self.raw.numel() // rows
+        raw = self.raw.reshape(rows, per_row)
+        step = rows // parts
+        return [
+            QuantizedWeight(raw[i * step : (i + 1) * step].reshape(-1), self.qtype, torch.Size([step, *rest]))
+            for i in range(parts)
+        ]
+
+    @staticmethod
+    def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """The inverse of chunk_rows (parts of one type and row width)."""
+        first = parts[0]
+        if any(p.qtype != first.qtype or p.shape[1:] != first.shape[1:] for p in parts):
+            raise ValueError("GGUF row blocks of different types or widths")
+        rows = sum(p.shape[0] for p in parts)
+        raw = torch.cat([p.raw.reshape(-1) for p in parts])
+        return QuantizedWeight(raw, first.qtype, torch.Size([rows, *first.shape[1:]]))
+
 
 def dequantize_raw(
     raw: torch.Tensor, qtype: gguf.GGMLQuantizationType, shape: torch.Size, dtype: torch.dtype
