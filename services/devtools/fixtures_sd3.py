@@ -34,6 +34,13 @@ _FULL = {  # (blocks, position table side)
 _SMALL_BLOCKS, _SMALL_POS, _SMALL_CONTEXT, _SMALL_POOLED = 2, 32, 96, 48
 
 
+def _dual(variant: Variant, size: Size) -> tuple[int, ...]:
+    """SD3.5 medium: dual attention in blocks 0..12 of 24 (small: block 0 of 2)."""
+    if variant != "sd3.5-medium":
+        return ()
+    return tuple(range(13)) if size == "full" else (0,)
+
+
 def sd3_config(variant: Variant = "sd3", size: Size = "small") -> Sd3Config:
     blocks, pos = _FULL[variant] if size == "full" else (_SMALL_BLOCKS, _SMALL_POS)
     return Sd3Config(
@@ -45,8 +52,7 @@ def sd3_config(variant: Variant = "sd3", size: Size = "small") -> Sd3Config:
         joint_attention_dim=4096 if size == "full" else _SMALL_CONTEXT,
         pooled_projection_dim=2048 if size == "full" else _SMALL_POOLED,
         pos_embed_max_size=pos,
-        # SD3.5 medium: dual attention in blocks 0..12 of 24 (small: block 0 of 2)
-        dual_attention_layers=tuple(range(blocks // 2 + 1 if size == "full" else 1)) if variant == "sd3.5-medium" else (),
+        dual_attention_layers=_dual(variant, size),
         qk_norm="rms_norm" if variant != "sd3" else None,
     )
 

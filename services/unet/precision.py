@@ -74,36 +74,31 @@ class QuantizedWeight:
     def to_device(self, device: torch.device) -> QuantizedWeight:
         return QuantizedWeight(self.raw.to(device), self.qtype, self.shape)
 
+    def rows(self, start: int, end: int) -> QuantizedWeight | None:
+        """Rows [start, end) of a 2-D weight, still quantized; None when a row is not whole blocks."""
+        block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        width = self.shape[-1]
+        if self.ndim != 2 or width % block_size:
+            return None
+        row_bytes = width // block_size * type_size
+        flat = self.raw.reshape(-1)
+        return QuantizedWeight(flat[start * row_bytes : end * row_bytes], self.qtype, torch.Size((end - start, width)))
+
+    @staticmethod
+    def concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Row blocks of one type and width stacked (the inverse of `rows`)."""
+        if len(parts) == 1:
+            return parts[0]
+        rows = sum(p.shape[0] for p in parts)
+        raw = torch.cat([p.raw.reshape(-1) for p in parts])
+        return QuantizedWeight(raw, parts[0].qtype, torch.Size((rows, *parts[0].shape[1:])))
+
     def reshape(self, shape: torch.Size) -> QuantizedWeight:
         """Same blocks, another logical shape (e.g. a 1x1 conv read as a Linear): the flat order holds."""
         shape = torch.Size(shape)
         if shape.numel() != self.shape.numel():
             raise ValueError(f"cannot view a {list(self.shape)} GGUF tensor as {list(shape)}")
         return QuantizedWeight(self.raw, self.qtype, shape)
-
-    def chunk_rows(self, parts: int) -> list[QuantizedWeight]:
-        """Split along dim 0 (a fused qkv into q, k, v): GGUF quantizes within rows, so whole rows are
-        whole blocks and each part keeps its bytes as stored."""
-        rows, *rest = self.shape
-        if rows % parts or self.raw.numel() % rows:
-            raise ValueError(f"cannot split a {list(self.shape)} GGUF tensor into {parts} row blocks")
-        per_row = self.raw.numel() // rows
-        raw = self.raw.reshape(rows, per_row)
-        step = rows // parts
-        return [
-            QuantizedWeight(raw[i * step : (i + 1) * step].reshape(-1), self.qtype, torch.Size([step, *rest]))
-            for i in range(parts)
-        ]
-
-    @staticmethod
-    def cat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
-        """The inverse of chunk_rows (parts of one type and row width)."""
-        first = parts[0]
-        if any(p.qtype != first.qtype or p.shape[1:] != first.shape[1:] for p in parts):
-            raise ValueError("GGUF row blocks of different types or widths")
-        rows = sum(p.shape[0] for p in parts)
-        raw = torch.cat([p.raw.reshape(-1) for p in parts])
-        return QuantizedWeight(raw, first.qtype, torch.Size([rows, *first.shape[1:]]))
 
 
 def dequantize_raw(

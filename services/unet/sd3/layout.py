@@ -131,10 +131,14 @@ class _Entry:
     kind: Kind = "plain"
 
 
-def _attention(sai: str, ours: str, qkv: tuple[str, str, str], qk_norm: tuple[str, str] | None) -> list[_Entry]:
+_QKV = ("to_q", "to_k", "to_v")
+_ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def _attention(sai: str, ours: str, qkv: tuple[str, ...], norms: tuple[str, str] | None) -> list[_Entry]:
     entries = [_Entry(f"{sai}.qkv", tuple(f"{ours}.{n}" for n in qkv), "qkv")]
-    if qk_norm:
-        entries += [_Entry(f"{sai}.ln_q", (f"{ours}.{qk_norm[0]}",)), _Entry(f"{sai}.ln_k", (f"{ours}.{qk_norm[1]}",))]
+    if norms:
+        entries += [_Entry(f"{sai}.ln_{w}", (f"{ours}.{n}",)) for w, n in zip("qk", norms, strict=True)]
     return entries
 
 
@@ -147,19 +151,19 @@ def _entries(cfg: Sd3Config) -> Iterator[_Entry]:
     yield _Entry("context_embedder", ("context_embedder",))
     yield _Entry("final_layer.linear", ("proj_out",))
     yield _Entry("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap")
-    qk = cfg.qk_norm is not None
+    qk, added_qk = (("norm_q", "norm_k"), ("norm_added_q", "norm_added_k")) if cfg.qk_norm else (None, None)
     for i in range(cfg.num_layers):
         s, d = f"joint_blocks.{i}", f"transformer_blocks.{i}"
         last = i == cfg.num_layers - 1  # its context block is pre-only: no projection out, no MLP
-        yield from _attention(f"{s}.x_block.attn", f"{d}.attn", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k") if qk else None)
+        yield from _attention(f"{s}.x_block.attn", f"{d}.attn", _QKV, qk)
         yield _Entry(f"{s}.x_block.attn.proj", (f"{d}.attn.to_out.0",))
-        added = ("add_q_proj", "add_k_proj", "add_v_proj")
-        yield from _attention(f"{s}.context_block.attn", f"{d}.attn", added, ("norm_added_q", "norm_added_k") if qk else None)
+        yield from _attention(f"{s}.context_block.attn", f"{d}.attn", _ADDED_QKV, added_qk)
         if i in cfg.dual_attention_layers:
-            yield from _attention(f"{s}.x_block.attn2", f"{d}.attn2", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k") if qk else None)
+            yield from _attention(f"{s}.x_block.attn2", f"{d}.attn2", _QKV, qk)
             yield _Entry(f"{s}.x_block.attn2.proj", (f"{d}.attn2.to_out.0",))
         yield _Entry(f"{s}.x_block.adaLN_modulation.1", (f"{d}.norm1.linear",))
-        yield _Entry(f"{s}.context_block.adaLN_modulation.1", (f"{d}.norm1_context.linear",), "swap" if last else "plain")
+        context_norm = "swap" if last else "plain"  # pre-only: adaLN-continuous, (scale, shift) in diffusers
+        yield _Entry(f"{s}.context_block.adaLN_modulation.1", (f"{d}.norm1_context.linear",), context_norm)
         yield _Entry(f"{s}.x_block.mlp.fc1", (f"{d}.ff.net.0.proj",))
         yield _Entry(f"{s}.x_block.mlp.fc2", (f"{d}.ff.net.2",))
         if not last:
@@ -173,14 +177,19 @@ def _suffixes(entry: _Entry) -> tuple[str, ...]:
 
 
 def _chunk(value: Any, parts: int) -> list[Any]:
+    """Equal row blocks along dim 0; GGUF weights stay quantized where rows are whole blocks."""
+    step = value.shape[0] // parts
     if isinstance(value, QuantizedWeight):
-        return value.chunk_rows(parts)
+        pieces = [value.rows(i * step, (i + 1) * step) for i in range(parts)]
+        if all(p is not None for p in pieces):
+            return pieces
+        value = value.dequantize(torch.float32)  # rows cut through blocks: split the values instead
     return list(value.chunk(parts, dim=0))
 
 
 def _cat(values: list[Any]) -> Any:
     if isinstance(values[0], QuantizedWeight):
-        return QuantizedWeight.cat_rows(values)
+        return QuantizedWeight.concat(values)
     return torch.cat(values, dim=0)
 
 
