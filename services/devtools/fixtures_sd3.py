@@ -113,3 +113,12 @@ def write_sd3(
 
 def sd3_file_name(variant: Variant, size: Size = "small") -> str:
     return f"{variant}-{size}.safetensors"
+
+
+def write_sd3_files(root: Path, size: Size, seed: int, dtype: torch.dtype) -> dict[str, Path]:
+    """unet/<variant>-<size>.safetensors for write_models_dir: every variant when small; full size only
+    SD3 medium (a full SD3.5 large is 16 GB in fp16: write it with write_sd3 where needed)."""
+    variants = VARIANTS if size == "small" else ("sd3",)
+    return {
+        f"{v}_unet": write_sd3(root / "unet" / sd3_file_name(v, size), v, size, seed, dtype) for v in variants
+    }

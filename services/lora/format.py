@@ -122,6 +122,7 @@ _PREFIXES: tuple[tuple[str, Component, bool, str | None], ...] = (
     ("text_encoder_2.", "clip_g", False, None),
     ("text_encoder.", "clip_l", False, None),
     ("unet.", "unet", False, None),
+    ("transformer.", "unet", False, None),  # diffusers' DiT pipelines (Flux, SD3) name the network so
 )
 # Other adapter algorithms whose down/up pairs alone would give a wrong result: refuse, never approximate.
 _UNSUPPORTED = {

@@ -23,6 +23,7 @@ from luna_stack.wire.errors import ModelLoadError
 
 from .arch import Architecture, DiffusionModel, Loaded, StateDict
 from .precision import GGUF_PLAIN_TYPES, QuantizedWeight, compute_dtype, resident_bytes
+from .sd3.arch import Sd3Arch
 from .sd_unet import SdUnetArch
 
 LDM_PREFIX = "model.diffusion_model."
@@ -31,7 +32,7 @@ GGUF_MAGIC = b"GGUF"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Tried in order; the first that claims a file's keys builds it.
-ARCHITECTURES: tuple[Architecture, ...] = (SdUnetArch(),)
+ARCHITECTURES: tuple[Architecture, ...] = (SdUnetArch(), Sd3Arch())
 
 
 def _prefix(keys: object) -> str:
