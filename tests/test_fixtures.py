@@ -168,6 +168,9 @@ def test_models_dir_layout_and_cli_hook(tmp_path: Path, capsys: pytest.CaptureFi
         "checkpoints/sd15-small.safetensors",
         "clip/clip_l.safetensors",
         "unet/sd15-small-unet.safetensors",
+        "unet/sd3-small.safetensors",
+        "unet/sd3.5-large-small.safetensors",
+        "unet/sd3.5-medium-small.safetensors",
         "vae/sd15-small-vae.safetensors",
     ]
     assert "sd15_checkpoint" in capsys.readouterr().out
