@@ -17,7 +17,7 @@ from luna_stack.devtools.fixtures import _build, _file_layout
 from luna_stack.devtools.fixtures_sd3 import VARIANTS, _sd3_part, sd3_config, sd3_file_name, write_sd3
 from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.unet.arch import Loaded
-from luna_stack.unet.convert import write_fp8
+from luna_stack.unet.convert import convert, write_fp8
 from luna_stack.unet.family import build
 from luna_stack.unet.loader import load_diffusion_model, read_gguf_model
 from luna_stack.unet.sd3.arch import Sd3Arch, Sd3Model
@@ -347,3 +347,16 @@ async def test_bad_input_is_4xx(service, refs) -> None:
                 assert "512×512" in str(info.value) or "512×512" in str(info.value.hint)
         out, _ = await client.call("step", good, {"model": SD3})
         assert out["out"].shape == good["x"].shape
+
+
+@pytest.mark.parametrize(("target", "bound"), [("fp8", 0.1), ("Q8_0", 0.02)])
+def test_convert_writes_sd3_copies(tmp_path: Path, models_dir: Path, target: str, bound: float) -> None:
+    """`luna-stack convert` on an SAI file: SAI keys kept, GGUF `general.architecture` sd3."""
+    out = tmp_path / f"sd3-{target}.{'safetensors' if target == 'fp8' else 'gguf'}"
+    report = convert(models_dir / SD3, target, out, CPU, latent=16)
+    assert 0 < report.relative_error < bound and report.output_bytes < report.source_fp16_bytes
+    model = load(out)
+    assert model.precision == ("fp8" if target == "fp8" else "gguf")
+    if target != "fp8":
+        sd, arch = read_gguf_model(out)
+        assert arch == "sd3" and "joint_blocks.0.x_block.attn.qkv.weight" in sd

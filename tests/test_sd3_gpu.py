@@ -8,12 +8,13 @@ Tolerances: graph vs eager differ only by kernels picked for padded row counts (
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from luna_stack.devtools.fixtures_sd3 import sd3_file_name
+from luna_stack.devtools.fixtures_sd3 import sd3_file_name, write_sd3
 from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.lora.cache import LoraCache
 from luna_stack.server.metrics import Metrics
@@ -85,3 +86,26 @@ def test_graph_replay_equals_eager_and_the_cpu_forward(
                     base = runner.run_eager(shape, parts, [(1, ())] * rows)
                     assert rel_err(eager[:1], base[:1]) > 4 * TOL  # row 0 has the LoRA: clearly moved
     assert runner.eager == {}
+
+
+@pytest.mark.skipif(os.environ.get("LUNA_SD3_FULL") != "1", reason="LUNA_SD3_FULL=1: writes a full-size file")
+@pytest.mark.parametrize("variant", ["sd3", "sd3.5-large"])
+def test_full_size_step_at_1024(tmp_path: Path, variant: str) -> None:
+    """The released configs (SD3 medium 4 GB, SD3.5 large 16 GB in fp16) at their native 1024² latent:
+    loaded in fp16 and fp8, graph replay equals eager, outputs finite."""
+    path = write_sd3(tmp_path / sd3_file_name(variant, "full"), variant, "full")
+    for precision in ("fp16", "fp8"):
+        model = load_diffusion_model(variant, path, precision, CUDA)
+        assert (
+            isinstance(model, Sd3Model) and model.config.num_layers == {"sd3": 24, "sd3.5-large": 38}[variant]
+        )
+        runner = build_runner(model, graph_config(buckets=(2,), slots=0), Metrics("unet").graph_forwards)
+        (shape,) = model.warm_up_shapes(())
+        runner.warm_up([shape])
+        parts = {k: [v] for k, v in model.example_inputs(2, shape.height, shape.width, seed=1).items()}
+        graph = runner.run(shape, parts, [(2, ())]).clone()
+        eager = runner.run_eager(shape, parts, [(2, ())])
+        assert torch.isfinite(graph).all() and rel_err(graph, eager) < TOL
+        assert runner.eager == {}
+        del model, runner
+        torch.cuda.empty_cache()
