@@ -10,6 +10,9 @@ Needs COMFYUI_PATH (a ComfyUI checkout) and a Python with ComfyUI's requirements
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.fixtures_sd3 import VARIANTS, sd3_config, sd3_file_name, write_sd3
 from luna_stack.unet.family import build
 
-from .comfyui_harness import COMFYUI_PATH, requires_comfyui
+from .comfyui_harness import COMFYUI_PATH, ROOT, requires_comfyui
 from .comfyui_import import import_comfyui
 from .conftest import make_settings
 
@@ -94,3 +97,62 @@ async def test_service_step_equals_comfyuis_mmdit(
             worst = max(worst, error)
             assert error < TOL, f"{variant} {height}x{width} control {control_blocks}: {error:.2e}"
     print(f"\n{variant}: max relative error vs ComfyUI {worst:.2e}")
+
+
+def _pack(name: str) -> Any:
+    """A module of the pack under the name ComfyUI's custom-node loader gives it (the path, dots replaced),
+    loaded that way unless another test's ComfyUI already did, so the pack's hooks are installed once."""
+    package = str(ROOT / "comfy_nodes").replace(".", "_x_")
+    if package not in sys.modules:
+        spec = importlib.util.spec_from_file_location(package, ROOT / "comfy_nodes" / "__init__.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{package}.{name}")
+
+
+def test_shared_model_samples_like_comfyuis_own(
+    sd3_models: Path, comfy_sd: Any, start_service, redis_url
+) -> None:
+    """KSampler over the pack's MODEL proxy (ComfyUI's own SD3 BaseModel: flow shift 3, sgm_uniform
+    sigmas, CFG) equals KSampler over ComfyUI's locally loaded copy of the same file."""
+    import comfy.sample
+
+    variant = "sd3.5-large"
+    name = f"unet/{sd3_file_name(variant)}"
+    service = start_service(build, make_settings(sd3_models, LUNA_REDIS_URL=redis_url))
+    proxy, settings = _pack("model_proxy"), _pack("settings")
+    services = proxy.Services(
+        settings.PackSettings({"clip": None, "vae": None, "unet": service.url}, None, None)
+    )
+    shared = proxy.remote_model(services, name, services.unet_load(name))
+    local = comfy_sd.load_diffusion_model(str(sd3_models / name))
+    cfg = sd3_config(variant)
+    gen = torch.Generator().manual_seed(5)
+
+    def cond() -> list:
+        context = torch.randn(1, 19, cfg.joint_attention_dim, generator=gen)
+        return [[context, {"pooled_output": torch.randn(1, cfg.pooled_projection_dim, generator=gen)}]]
+
+    positive, negative = cond(), cond()
+    latent = torch.zeros(1, 16, 14, 18)
+    noise = torch.randn(latent.shape, generator=gen)
+    runs = {}
+    for which, model in (("shared", shared), ("local", local)):
+        runs[which] = comfy.sample.sample(
+            model,
+            noise,
+            3,
+            4.5,
+            "euler",
+            "sgm_uniform",
+            positive,
+            negative,
+            latent,
+            seed=5,
+            disable_pbar=True,
+        )
+    error = float((runs["shared"] - runs["local"]).abs().max() / runs["local"].abs().max())
+    print(f"\nKSampler over the shared SD3.5 model vs ComfyUI's own: max relative error {error:.2e}")
+    assert (runs["local"] - noise).abs().max() > 0.1 and error < 1e-4
