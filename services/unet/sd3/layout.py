@@ -26,7 +26,6 @@ from luna_stack.wire.errors import ModelLoadError
 from ..precision import QuantizedWeight
 
 HEAD_DIM = 64
-Value = "torch.Tensor | QuantizedWeight"
 Kind = Literal["plain", "qkv", "swap"]  # one tensor / fused rows q,k,v / (shift, scale) <-> (scale, shift)
 _BLOCK = re.compile(r"joint_blocks\.(\d+)\.")
 
