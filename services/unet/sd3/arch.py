@@ -203,9 +203,13 @@ class Sd3Arch(Architecture):
     def build(self, sd: StateDict, how: Loaded) -> Sd3Model:
         cfg = config_from_keys(sd)
         converted = sai_to_diffusers(sd, cfg)
+        # The position table is a buffer, not a weight: held in the compute dtype whatever the file
+        # stores (fp8 casting never reaches buffers; a GGUF copy is expanded once).
         table = converted.get("pos_embed.pos_embed")
-        if isinstance(table, QuantizedWeight):  # a buffer, not a weight: expanded once
+        if isinstance(table, QuantizedWeight):
             converted["pos_embed.pos_embed"] = table.dequantize(how.dtype)
+        elif table is not None:
+            converted["pos_embed.pos_embed"] = table.to(how.dtype)
         with torch.device("meta"):
             module = SD3Transformer2DModel(**cfg.diffusers_kwargs())
         if how.precision == "gguf":
