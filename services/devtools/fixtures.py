@@ -481,6 +481,9 @@ def write_models_dir(
     written["clip_l"] = write_clip(root / "clip" / "clip_l.safetensors", "l", size, seed, dtype)
     if "sdxl" in families:
         written["clip_g"] = write_clip(root / "clip" / "clip_g.safetensors", "g", size, seed, dtype)
+    from luna_stack.devtools.fixtures_vae16 import write_vae16_files  # it imports this module
+
+    written.update(write_vae16_files(root, size, seed, dtype))
     return written
 
 

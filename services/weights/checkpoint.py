@@ -21,11 +21,13 @@ from luna_stack.weights.ldm_layout import clip_hf_canonical
 from luna_stack.wire.errors import ModelLoadError
 
 Tensor = torch.Tensor
-Family = Literal["sd15", "sdxl", "unknown"]
+Family = Literal["sd15", "sdxl", "flux", "sd3", "unknown"]
 ComponentKind = Literal["unet", "vae", "clip_l", "clip_g"]
 # "ldm" for UNet / VAE in the original naming, "diffusers" for diffusers naming,
-# "hf" for transformers CLIP naming (`text_model.*`), "openclip" for OpenCLIP (`transformer.resblocks.*`).
-Layout = Literal["ldm", "diffusers", "hf", "openclip"]
+# "hf" for transformers CLIP naming (`text_model.*`), "openclip" for OpenCLIP (`transformer.resblocks.*`),
+# "bfl" for Black Forest Labs' Flux DiT naming (`double_blocks.*`), "sai" for Stability's SD3 MMDiT
+# naming (`joint_blocks.*`).
+Layout = Literal["ldm", "diffusers", "hf", "openclip", "bfl", "sai"]
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _DTYPES = {
@@ -155,10 +157,22 @@ def _has_prefix(keys: set[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+# Keys that only the original Flux / SD3 DiTs have (ComfyUI's model_detection looks for the same blocks).
+_DIT_MARKERS: tuple[tuple[Layout, tuple[str, ...]], ...] = (
+    ("bfl", ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")),
+    ("sai", ("joint_blocks.0.context_block.attn.qkv.weight", "x_embedder.proj.weight")),
+)
+# The family each diffusion-model layout is (SD UNets are told apart by _unet_family).
+_DIT_FAMILY: dict[Layout, Family] = {"bfl": "flux", "sai": "sd3"}
+
+
 def _find_unet(keys: set[str]) -> Component | None:
     for prefix in _UNET_PREFIXES:
         if f"{prefix}input_blocks.0.0.weight" in keys and f"{prefix}out.2.weight" in keys:
             return Component("unet", prefix, "ldm")
+        for layout, markers in _DIT_MARKERS:
+            if all(f"{prefix}{marker}" in keys for marker in markers):
+                return Component("unet", prefix, layout)
     if "conv_in.weight" in keys and _has_prefix(keys, "down_blocks.") and _has_prefix(keys, "mid_block."):
         return Component("unet", "", "diffusers")
     return None
@@ -232,6 +246,8 @@ def detect(state_dict: Mapping[str, Tensor]) -> CheckpointInfo:
     family: Family = "unknown"
     if unet and unet.layout == "ldm":
         family = _unet_family(component(state_dict, unet.prefix))
+    elif unet and unet.layout in _DIT_FAMILY:
+        family = _DIT_FAMILY[unet.layout]
     elif any(c.prefix == _CLIP_G_PREFIX for c in components):
         family = "sdxl"
     elif any(c.prefix == _CLIP_L_PREFIXES[0] for c in components):
