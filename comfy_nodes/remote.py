@@ -182,6 +182,10 @@ class Services:
         return out
 
     # -- VAE --------------------------------------------------------------------------------------------
+    def vae_load(self, model: str) -> dict[str, Any]:
+        """The service's description of the VAE (latent_channels, family, ...), loading it if needed."""
+        return self.call("vae", "load", None, {"model": model})[1]
+
     def vae_decode(
         self,
         model: str,

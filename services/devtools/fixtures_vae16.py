@@ -17,6 +17,8 @@ from luna_stack.devtools.fixtures import (
     Size,
     _metadata,
     _on_meta,
+    _build,
+    _file_layout,
     _Part,
     _seed,
     _write,
@@ -24,6 +26,7 @@ from luna_stack.devtools.fixtures import (
 )
 from luna_stack.weights import ldm_layout
 
+Tensor = torch.Tensor
 Vae16Family = Literal["flux", "sd3"]
 VaeLayout = Literal["ldm", "diffusers"]
 LATENT_CHANNELS = 16
@@ -40,7 +43,9 @@ def vae16_config(size: Size) -> dict[str, Any]:
     }
 
 
-def _vae16_part(size: Size, seed: int, prefix: str, layout: VaeLayout) -> _Part:
+def vae16_part(size: Size, seed: int, prefix: str, layout: VaeLayout = "ldm") -> _Part:
+    """The VAE as one part of a file, for writers of all-in-one Flux (`vae.`) / SD3 (`first_stage_model.`)
+    checkpoints."""
     from diffusers import AutoencoderKL
 
     config = vae16_config(size)
@@ -65,8 +70,15 @@ def write_vae16(
     """A 16-channel VAE: Flux's ae.safetensors is `layout="ldm"` (BFL naming), no prefix; SD3's standalone
     diffusers file is `layout="diffusers"`; the VAE part of an SD3 checkpoint is `prefix="first_stage_model."`,
     of a Flux one `prefix="vae."`. The same seed gives the same weights in every layout."""
-    part = _vae16_part(size, seed, prefix, layout)
+    part = vae16_part(size, seed, prefix, layout)
     return _write(Path(path), [part], dtype, _metadata("vae", family, size, seed))
+
+
+def vae16_shapes(
+    size: Size = "full", prefix: str = "", layout: VaeLayout = "ldm", dtype: torch.dtype = torch.float16
+) -> dict[str, Tensor]:
+    """The keys write_vae16 would write, as meta tensors: a full-size layout without the bytes."""
+    return _file_layout(_build([vae16_part(size, 0, prefix, layout)]), dtype)
 
 
 def write_vae16_files(root: Path, size: Size, seed: int, dtype: torch.dtype) -> dict[str, Path]:
