@@ -41,7 +41,8 @@ def test_full_size_flux_vae_is_the_released_one_and_its_config_is_inferred() -> 
     shapes = vae16_shapes("full")
     assert sum(t.numel() for t in shapes.values()) == FLUX_AE_PARAMS
     assert not any("quant_conv" in k for k in shapes)  # neither Flux's nor SD3's VAE has quant convs
-    assert shapes["decoder.conv_in.weight"].shape[1] == 16 and shapes["encoder.conv_out.weight"].shape[0] == 32
+    assert shapes["decoder.conv_in.weight"].shape[1] == 16
+    assert shapes["encoder.conv_out.weight"].shape[0] == 32  # mean and log-variance
     config = checkpoint.vae_config_from_state_dict(shapes)
     assert config == vae16_config("full")
     assert config["use_quant_conv"] is False and config["use_post_quant_conv"] is False

@@ -8,7 +8,6 @@ reads only the latent channels from it. Needs COMFYUI_PATH; see docs/comfyui.md.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -168,7 +168,9 @@ def test_models_dir_layout_and_cli_hook(tmp_path: Path, capsys: pytest.CaptureFi
         "checkpoints/sd15-small.safetensors",
         "clip/clip_l.safetensors",
         "unet/sd15-small-unet.safetensors",
+        "vae/flux-small-ae.safetensors",
         "vae/sd15-small-vae.safetensors",
+        "vae/sd3-small-vae.safetensors",
     ]
     assert "sd15_checkpoint" in capsys.readouterr().out
     info = checkpoint.detect(checkpoint.load_shapes(tmp_path / "checkpoints/sd15-small.safetensors"))

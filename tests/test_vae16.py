@@ -147,7 +147,9 @@ def test_tiled_ops_equal_in_process_and_stay_close_to_untiled(service, root: Pat
     ("model", "channels", "op"),
     [(FLUX, 4, "decode"), (SD3, 4, "decode_tiled"), (SDXL, 16, "decode"), (SDXL, 16, "decode_tiled")],
 )
-def test_latent_of_the_other_channel_count_is_a_clear_4xx(service, model: str, channels: int, op: str) -> None:
+def test_latent_of_the_other_channel_count_is_a_clear_4xx(
+    service, model: str, channels: int, op: str
+) -> None:
     want = 4 if channels == 16 else 16
     with Client("vae", url=service.url) as client:
         with pytest.raises(InvalidTensor) as info:
@@ -179,4 +181,5 @@ def test_models_dir_holds_the_16_channel_vaes(models_dir: Path) -> None:
         model = load_vae(name, models_dir / name, torch.device("cpu"), torch.float32)
         assert (model.latent_channels, model.family) == (16, "16ch")
         assert not model.vae.config.use_quant_conv and not model.vae.config.use_post_quant_conv
-        assert ("decoder.up.0.block.0.conv1.weight" in load_state_dict(models_dir / name)) == (layout == "ldm")
+        keys = load_state_dict(models_dir / name)
+        assert ("decoder.up.0.block.0.conv1.weight" in keys) == (layout == "ldm")

@@ -533,7 +533,10 @@ def demo_models_table() -> str:
         f"{clip_g['projection_dim']}; 77-token chunks, the real vocabulary |"
     )
     rows.append(
-        f"| (every VAE) | AutoencoderKL | channels {vae['block_out_channels']}: IMAGE [B, H, W, 3] <-> "
+        f"| (every SD VAE) | AutoencoderKL | channels {vae['block_out_channels']}: IMAGE [B, H, W, 3] <-> "
         f"latent [B, {vae['latent_channels']}, H/8, W/8] |"
     )
+    from luna_stack.devtools.fixtures_vae16 import demo_row  # it imports this module
+
+    rows.append(demo_row())
     return "\n".join(rows)

@@ -15,10 +15,10 @@ import torch
 
 from luna_stack.devtools.fixtures import (
     Size,
-    _metadata,
-    _on_meta,
     _build,
     _file_layout,
+    _metadata,
+    _on_meta,
     _Part,
     _seed,
     _write,
@@ -68,8 +68,9 @@ def write_vae16(
     prefix: str = "",
 ) -> Path:
     """A 16-channel VAE: Flux's ae.safetensors is `layout="ldm"` (BFL naming), no prefix; SD3's standalone
-    diffusers file is `layout="diffusers"`; the VAE part of an SD3 checkpoint is `prefix="first_stage_model."`,
-    of a Flux one `prefix="vae."`. The same seed gives the same weights in every layout."""
+    diffusers file is `layout="diffusers"`; the VAE part of an SD3 checkpoint is
+    `prefix="first_stage_model."`, of a Flux one `prefix="vae."`. One seed, the same weights in every
+    layout."""
     part = vae16_part(size, seed, prefix, layout)
     return _write(Path(path), [part], dtype, _metadata("vae", family, size, seed))
 
@@ -88,3 +89,14 @@ def write_vae16_files(root: Path, size: Size, seed: int, dtype: torch.dtype) -> 
         "flux_vae": write_vae16(vae / f"flux-{size}-ae.safetensors", "flux", size, seed, dtype, "ldm"),
         "sd3_vae": write_vae16(vae / f"sd3-{size}-vae.safetensors", "sd3", size, seed, dtype, "diffusers"),
     }
+
+
+def demo_row() -> str:
+    """The README demo-models table's row for the files write_vae16_files writes (size small)."""
+    config = vae16_config("small")
+    return (
+        "| `vae/flux-small-ae.safetensors`, `vae/sd3-small-vae.safetensors` | Flux's / SD3's 16-channel VAE "
+        "(BFL / diffusers naming) | AutoencoderKL, channels "
+        f"{config['block_out_channels']}, no quant convs: IMAGE [B, H, W, 3] <-> latent "
+        f"[B, {config['latent_channels']}, H/8, W/8] |"
+    )
