@@ -183,3 +183,22 @@ def test_models_dir_holds_the_16_channel_vaes(models_dir: Path) -> None:
         assert not model.vae.config.use_quant_conv and not model.vae.config.use_post_quant_conv
         keys = load_state_dict(models_dir / name)
         assert ("decoder.up.0.block.0.conv1.weight" in keys) == (layout == "ldm")
+
+
+def test_pack_proxy_takes_its_latent_channels_from_the_service(service) -> None:
+    from comfy_nodes.remote import Services
+    from comfy_nodes.settings import PackSettings
+    from comfy_nodes.vae_proxy import VaeProxy
+
+    services = Services(PackSettings({"clip": None, "vae": service.url, "unet": None}, None, None))
+    try:
+        flux, sdxl = VaeProxy(services, FLUX), VaeProxy(services, SDXL)
+        assert (flux.latent_channels, sdxl.latent_channels) == (16, 4)
+        assert flux.downscale_ratio == flux.spacial_compression_decode() == 8
+        latent = _latent(8)
+        with Client("vae", url=service.url) as client:
+            direct, _ = client.call("decode", {"latent": latent}, {"model": FLUX})
+        assert torch.equal(flux.decode(latent), direct["image"])
+        assert flux.encode(direct["image"]).shape == (1, 16, 8, 8)
+    finally:
+        services.close()
