@@ -202,3 +202,21 @@ def test_pack_proxy_takes_its_latent_channels_from_the_service(service) -> None:
         assert flux.encode(direct["image"]).shape == (1, 16, 8, 8)
     finally:
         services.close()
+
+
+def test_a_vae_that_is_not_8x_is_refused_at_load(tmp_path: Path) -> None:
+    # Three levels scale by 4 (SD's x4-upscaler VAE); the service's latents are 1/8 of the image.
+    from safetensors.torch import save_file
+
+    from luna_stack.weights.ldm_layout import vae_diffusers_to_ldm
+    from luna_stack.wire.errors import ModelLoadError
+
+    config = {**vae16_config("small"), "block_out_channels": [32, 32, 64]}
+    config["down_block_types"], config["up_block_types"] = (
+        config["down_block_types"][:3],
+        config["up_block_types"][:3],
+    )
+    path = tmp_path / "x4.safetensors"
+    save_file(vae_diffusers_to_ldm(AutoencoderKL(**config).state_dict()), str(path))
+    with pytest.raises(ModelLoadError, match="scales images by 4, not 8"):
+        load_vae("x4", path, torch.device("cpu"), torch.float32)

@@ -63,8 +63,11 @@ def _check_channels(model: VaeModel, latent: torch.Tensor) -> None:
     raise InvalidTensor(
         f"VAE {model.name} ({model.family}) decodes {want}-channel latents; this latent has {got} channels "
         f"(shape {list(latent.shape)})",
-        hint=(f"{got}-channel latents come from {made_by} models: " if made_by else "")
-        + f"decode it with that model's VAE, or use a model whose VAE takes {want} channels",
+        hint=(
+            f"{got}-channel latents come from {made_by} models: decode with such a model's VAE"
+            if made_by
+            else f"this VAE takes latents [B, {want}, H/8, W/8]"
+        ),
         details={"vae_latent_channels": want, "latent_channels": got},
     )
 
