@@ -162,7 +162,7 @@ _DIT_MARKERS: tuple[tuple[Layout, tuple[str, ...]], ...] = (
     ("bfl", ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")),
     ("sai", ("joint_blocks.0.context_block.attn.qkv.weight", "x_embedder.proj.weight")),
 )
-# The family each diffusion-model layout is (SD UNets are told apart by _unet_family).
+# The family each diffusion-model layout is (SD UNets are told apart by unet_family).
 _DIT_FAMILY: dict[Layout, Family] = {"bfl": "flux", "sai": "sd3"}
 
 
