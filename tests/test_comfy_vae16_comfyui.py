@@ -3,22 +3,22 @@ SD3's VAE in diffusers naming) through ComfyUI's own loading (comfy.sd.VAE(sd=..
 service, by way of the pack's Shared VAE Loader and ComfyUI's own VAEDecode / VAEEncode / tiled nodes.
 
 Full size because comfy.sd.VAE builds the SD VAE's widths (128 x 1-2-4-4) whatever the file holds and
-reads only the latent channels from it. Needs COMFYUI_PATH; see docs/comfyui.md.
+reads only the latent channels from it. The harness is tests/comfyui_harness.py (the `comfy` fixture: the
+pack is loaded into ComfyUI once, and only that copy may be used in this process). Needs COMFYUI_PATH;
+see docs/comfyui.md.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
 import torch
 
-from luna_stack.devtools.embedded import EmbeddedService
 from luna_stack.devtools.fixtures_vae16 import write_vae16
 
-from .comfyui_harness import COMFYUI_PATH, requires_comfyui
-from .comfyui_import import import_comfyui
-from .conftest import make_settings
+from .comfyui_harness import ComfyRuntime, pack_module, requires_comfyui, unload
 
 pytestmark = requires_comfyui
 FILES = {  # ComfyUI's vae/ name -> how the file is written
@@ -33,40 +33,22 @@ LATENT_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    assert COMFYUI_PATH is not None
-    _, _, nodes = import_comfyui(COMFYUI_PATH)
-    import comfy.sd
-    import comfy.utils
-
-    from luna_stack.vae.family import build  # after ComfyUI (see comfyui_harness)
-
-    root = tmp_path_factory.mktemp("vae16-comfy")
+def runtime(comfy: ComfyRuntime) -> Any:
+    """ComfyUI's nodes, and for each file ComfyUI's own VAE and the pack's Shared VAE Loader's VAE."""
+    comfy_sd, comfy_utils = (importlib.import_module(m) for m in ("comfy.sd", "comfy.utils"))
+    folder = comfy.models / "vae"  # the folder ComfyUI and the services share
     for name, how in FILES.items():
-        write_vae16(root / "vae" / name, how["family"], "full", seed=how["seed"], layout=how["layout"])
-    svc = EmbeddedService(build(make_settings(root))).start()
-    svc.wait_ready()
+        write_vae16(folder / name, how["family"], "full", seed=how["seed"], layout=how["layout"])
     local = {
-        name: comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(root / "vae" / name)), dtype=torch.float32)
+        name: comfy_sd.VAE(sd=comfy_utils.load_torch_file(str(folder / name)), dtype=torch.float32)
         for name in FILES
     }
-    yield nodes, svc, local
-    svc.stop()
-
-
-@pytest.fixture
-def shared(runtime: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The pack's Shared VAE Loader's VAE for each file, talking to this module's service."""
-    from comfy_nodes import nodes as pack_nodes
-    from comfy_nodes import remote
-    from comfy_nodes.settings import PackSettings
-
-    _, svc, _ = runtime
-    services = remote.Services(PackSettings({"clip": None, "vae": svc.url, "unet": None}, None, None))
-    monkeypatch.setattr(remote, "_shared", services)
-    loaded = {name: pack_nodes.SharedVAELoader().load(name)[0] for name in FILES}
-    yield loaded
-    services.close()
+    shared = {name: pack_module("nodes").SharedVAELoader().load(name)[0] for name in FILES}
+    yield comfy.nodes, local, shared
+    for proxy in shared.values():
+        unload(proxy.model, ("VAE",))
+    for name in FILES:
+        (folder / name).unlink()
 
 
 def _report(what: str, err: float) -> None:
@@ -74,8 +56,8 @@ def _report(what: str, err: float) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
-def test_proxy_reports_what_comfyui_reads_from_the_file(runtime, shared, name: str) -> None:
-    _, _, local = runtime
+def test_proxy_reports_what_comfyui_reads_from_the_file(runtime, name: str) -> None:
+    _, local, shared = runtime
     proxy, vae = shared[name], local[name]
     assert vae.latent_channels == 16 and proxy.latent_channels == 16
     for attr in ("downscale_ratio", "upscale_ratio", "latent_dim", "output_channels"):
@@ -87,8 +69,8 @@ def test_proxy_reports_what_comfyui_reads_from_the_file(runtime, shared, name: s
 
 @pytest.mark.parametrize("name", sorted(FILES))
 @torch.inference_mode()  # as ComfyUI's executor runs nodes
-def test_decode_and_encode_equal_comfyui(runtime, shared, name: str) -> None:
-    nodes, _, local = runtime
+def test_decode_and_encode_equal_comfyui(runtime, name: str) -> None:
+    nodes, local, shared = runtime
     g = torch.Generator().manual_seed(3)
     # EmptySD3LatentImage's shape; raw latents (the latent format's scale/shift is the model's business)
     samples = {"samples": torch.randn(1, 16, 8, 12, generator=g) * 2}
@@ -109,8 +91,8 @@ def test_decode_and_encode_equal_comfyui(runtime, shared, name: str) -> None:
 
 
 @torch.inference_mode()
-def test_tiled_nodes_equal_comfyui(runtime, shared) -> None:
-    nodes, _, local = runtime
+def test_tiled_nodes_equal_comfyui(runtime) -> None:
+    nodes, local, shared = runtime
     name = "flux-full-ae.safetensors"
     g = torch.Generator().manual_seed(4)
     samples = {"samples": torch.randn(1, 16, 16, 24, generator=g)}
@@ -131,8 +113,8 @@ def test_tiled_nodes_equal_comfyui(runtime, shared) -> None:
     assert ours.shape == (1, 16, 16, 24) and err < LATENT_ATOL
 
 
-def test_a_4_channel_latent_is_refused_in_one_sentence(shared) -> None:
-    from comfy_nodes.errors import LunaStackError
-
-    with pytest.raises(LunaStackError, match="decodes 16-channel latents; this latent has 4 channels"):
+def test_a_4_channel_latent_is_refused_in_one_sentence(runtime) -> None:
+    _, _, shared = runtime
+    error = pack_module("errors").LunaStackError
+    with pytest.raises(error, match="decodes 16-channel latents; this latent has 4 channels"):
         shared["flux-full-ae.safetensors"].decode(torch.zeros(1, 4, 8, 8))
