@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 
 from luna_stack.gpu.nvml import nvml_status
 
-from .common import print_table, service_process, write_results
+from .common import print_table, service_process, sync, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pack's loaders -> ComfyUI's own, with the inputs ComfyUI's take besides the pack's.
@@ -53,14 +53,14 @@ LOCAL_LOADERS = {
     "LunaStackVAELoader": ("VAELoader", {}),
     "LunaStackCheckpointLoader": ("CheckpointLoaderSimple", {}),
 }
-# Which service serves which loader's files, and the input naming them.
+# Which services serve a loader's files: (kind, folder, the inputs naming the files).
 SERVED = {
-    "LunaStackUNetLoader": ("unet", ("unet_name",)),
-    "LunaStackCLIPLoader": ("clip", ("clip_name1", "clip_name2")),
-    "LunaStackTripleCLIPLoader": ("clip", ("clip_name1", "clip_name2", "clip_name3")),
-    "LunaStackVAELoader": ("vae", ("vae_name",)),
+    "LunaStackUNetLoader": [("unet", "unet", ("unet_name",))],
+    "LunaStackCLIPLoader": [("clip", "clip", ("clip_name1", "clip_name2"))],
+    "LunaStackTripleCLIPLoader": [("clip", "clip", ("clip_name1", "clip_name2", "clip_name3"))],
+    "LunaStackVAELoader": [("vae", "vae", ("vae_name",))],
+    "LunaStackCheckpointLoader": [(kind, "checkpoints", ("ckpt_name",)) for kind in ("unet", "clip", "vae")],
 }
-FOLDER = {"unet": "unet", "clip": "clip", "vae": "vae"}
 
 
 @dataclass
@@ -85,10 +85,9 @@ class Workflow:
         latent = next(n for n in prompt.values() if "batch_size" in n["inputs"])["inputs"]
         preload = {}
         for node in prompt.values():
-            if node["class_type"] in SERVED:
-                kind, keys = SERVED[node["class_type"]]
-                names = [f"{FOLDER[kind]}/{node['inputs'][k]}" for k in keys if k in node["inputs"]]
-                preload[kind] = "+".join(names)
+            for kind, folder, keys in SERVED.get(node["class_type"], []):
+                files = [node["inputs"].get(k, "none") for k in keys]
+                preload[kind] = "+".join(f"{folder}/{f}" for f in files if f != "none")
         return cls(
             prompt,
             sampler["inputs"]["steps"],
@@ -207,7 +206,7 @@ def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[dict[str, st
     """The clip, vae and unet services as processes, each with the workflow's models preloaded."""
     env = {
         "LUNA_MODEL_ROOTS": str(args.models),
-        "LUNA_DEVICE": "cuda",
+        "LUNA_DEVICE": str(_device()),
         "LUNA_DTYPE": args.dtype,
         **{f"LUNA_{kind.upper()}_PRELOAD": name for kind, name in workflow.preload.items()},
     }
@@ -222,7 +221,7 @@ def floor_step_ms(args: argparse.Namespace, workflow: Workflow, clients: int) ->
     from luna_stack.unet.loader import load_diffusion_model
     from luna_stack.unet.step_runner import build_runner
 
-    device = torch.device("cuda")
+    device = _device()
     name = workflow.preload["unet"]
     model = load_diffusion_model(name, args.models / name, args.precision, device)
     rows = clients * workflow.rows_per_image
@@ -240,8 +239,7 @@ def floor(args: argparse.Namespace, workflow: Workflow, clients: int) -> dict[st
     from luna_stack.vae.model import load_vae
 
     step_ms = floor_step_ms(args, workflow, clients)
-    torch.cuda.empty_cache()
-    device = torch.device("cuda")
+    device = _device()
     name = workflow.preload["vae"]
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     vae = load_vae(name, args.models / name, device, dtype)
@@ -251,16 +249,21 @@ def floor(args: argparse.Namespace, workflow: Workflow, clients: int) -> dict[st
     return {"floor_step_ms": step_ms, "floor_decode_ms": decode_ms, "floor_images_per_min": 60 / per_image_s}
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke run
+
+
 def _cuda_ms(fn: Any, repeats: int = 10) -> float:
+    device = _device()
     with torch.inference_mode():
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
+        sync(device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
@@ -322,7 +325,8 @@ def main() -> None:
     print(json.dumps(meta, indent=2))
     columns = ["mode", "clients", "images_per_min", "step_ms", "first_image_s", "gpu_memory_gib"]
     print_table(rows, [*columns, "floor_images_per_min", "vs_floor", "vs_comfyui"])
-    path = write_results(args.name or f"comfyui_{args.workflow.stem}", False, meta, rows, "cuda")
+    small = _device().type == "cpu"
+    path = write_results(args.name or f"comfyui_{args.workflow.stem}", small, meta, rows, str(_device()))
     print(f"results: {path}")
 
 

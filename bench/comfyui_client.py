@@ -69,23 +69,6 @@ def _sink_node(kept: dict[str, Any]) -> type:
     return BenchImageSink
 
 
-def import_comfyui(path: str, comfy_args: list[str]) -> tuple[Any, Any, Any]:
-    sys.path.insert(0, path)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    argv, sys.argv = sys.argv, [sys.argv[0], *comfy_args]
-    try:
-        import comfy.cli_args  # parses sys.argv once
-    finally:
-        sys.argv = argv
-    import execution
-    import folder_paths
-    import nodes
-
-    return execution, folder_paths, nodes
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", required=True, help="a ComfyUI checkout")
@@ -101,6 +84,9 @@ def main() -> int:
     parser.add_argument("--save-first", type=Path, help="write the first image here (safetensors)")
     parser.add_argument("--comfy-arg", action="append", default=[], help="ComfyUI command-line flags")
     args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from tests.comfyui_import import import_comfyui  # ComfyUI headless, torchvision's gaps covered
 
     execution, folder_paths, nodes = import_comfyui(args.comfyui, args.comfy_arg)
     import comfy.utils
@@ -128,8 +114,10 @@ def main() -> int:
             node["class_type"], node["inputs"] = SINK, {"images": node["inputs"]["images"]}
     sampler = next(k for k, n in prompt.items() if n["class_type"].startswith("KSampler"))
     steps: list[float] = []
-    comfy.utils.set_progress_bar_global_hook(lambda *_: steps.append(time.time()))
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC, cache_args={})
+    comfy.utils.set_progress_bar_global_hook(lambda *_, **__: steps.append(time.time()))
+    executor = execution.PromptExecutor(
+        _Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+    )
 
     def run(seed: int) -> None:
         seed_key = "seed" if "seed" in prompt[sampler]["inputs"] else "noise_seed"
