@@ -24,18 +24,25 @@ from .conftest import make_settings
 FLUX = "vae/flux-small-ae.safetensors"  # BFL naming, as Flux ships ae.safetensors
 SD3 = "vae/sd3-small-vae.safetensors"  # diffusers naming, as SD3's vae/ folder ships it
 SD3_CKPT = "checkpoints/sd3-vae-part.safetensors"  # the VAE of an all-in-one SD3 file (LDM naming)
+FLUX_CKPT = "checkpoints/flux-vae-part.safetensors"  # the VAE of a ComfyUI all-in-one Flux file
 SDXL = "vae/sdxl-small-vae.safetensors"
 # model name -> (prefix of the VAE in the file, layout)
-FILES = {FLUX: ("", "ldm"), SD3: ("", "diffusers"), SD3_CKPT: ("first_stage_model.", "ldm")}
+FILES = {
+    FLUX: ("", "ldm"),
+    SD3: ("", "diffusers"),
+    SD3_CKPT: ("first_stage_model.", "ldm"),
+    FLUX_CKPT: ("vae.", "ldm"),
+}
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The files write_models_dir registers, plus an SD3 checkpoint's VAE part and an SDXL VAE."""
+    """The files write_models_dir registers, plus the VAE parts of SD3 / Flux checkpoints and an SDXL VAE."""
     root = tmp_path_factory.mktemp("vae16")
     write_vae16(root / FLUX, "flux", dtype=torch.float32)
     write_vae16(root / SD3, "sd3", dtype=torch.float32, layout="diffusers")
     write_vae16(root / SD3_CKPT, "sd3", dtype=torch.float32, prefix="first_stage_model.")
+    write_vae16(root / FLUX_CKPT, "flux", dtype=torch.float32, prefix="vae.")
     write_vae(root / SDXL, "sdxl", dtype=torch.float32)
     return root
 
@@ -85,8 +92,8 @@ def test_decode_and_encode_equal_diffusers_in_process(service, root: Path, name:
         assert back["image"].shape == image.shape
 
 
-def test_the_three_layouts_of_one_seed_are_one_model(service) -> None:
-    # Flux's BFL file, SD3's diffusers file and SD3's checkpoint part hold the same weights (same seed).
+def test_the_layouts_of_one_seed_are_one_model(service) -> None:
+    # Flux's BFL file, SD3's diffusers file and the checkpoint parts hold the same weights (same seed).
     latent = _latent(3)
     with Client("vae", url=service.url) as client:
         images = [client.call("decode", {"latent": latent}, {"model": name})[0]["image"] for name in FILES]
