@@ -1,0 +1,119 @@
+"""The T5-XXL encoder of Flux and SD3 (transformers' T5EncoderModel), run with ComfyUI's numerics.
+
+Precision: ComfyUI computes T5 in float32 whatever the file's dtype — its SDClipModel feeds float32
+embeddings and comfy.ops' manual_cast casts every weight to the input's dtype at each layer — which is
+also why T5 v1.1's fp16 overflow never bites there (no clamping needed). We do the same: the Linear
+weights stay resident in the file's dtype (fp16 / bf16 / fp8) and are upcast layer by layer through
+diffusers' layerwise casting; norms, the relative attention bias and the embedding are kept float32.
+An fp8 embedding goes through nan_to_num as in ComfyUI's T5.forward. The attention is transformers'
+(unscaled scores, as T5 defines it); ComfyUI scales k by sqrt(d_kv) and lets SDPA divide it back out,
+so the two agree to float32 rounding, not bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from diffusers.hooks import apply_layerwise_casting
+from transformers import T5Config, T5EncoderModel
+
+from luna_stack.weights.checkpoint import t5_config_from_state_dict
+from luna_stack.wire.errors import ModelLoadError
+
+from .encoders import ForwardOutput, to_device
+from .t5_tokenize import PAD
+from .tokenize import Chunk
+
+COMPUTE_DTYPE = torch.float32
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Modules kept in the compute dtype: everything but the Linear layers of the blocks.
+_KEEP_FLOAT32 = ("shared", "embed_tokens", "relative_attention_bias", "layer_norm")
+
+
+class T5Encoder:
+    """One T5 encoder stack shared by every request (key "t5xxl")."""
+
+    kind = "t5xxl"
+
+    def __init__(self, model: T5EncoderModel, storage_dtype: torch.dtype):
+        self.model = model.eval().requires_grad_(False)
+        self.storage_dtype = storage_dtype
+        config = model.config
+        self.num_layers: int = config.num_layers
+        self.width: int = config.d_model
+        self.vocab_size: int = config.vocab_size
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> T5Encoder:
+        """Build from HF-layout weights (`shared.weight`, `encoder.block.N.*`, `encoder.final_layer_norm.*`).
+
+        Linear weights are stored in the file's dtype when it is 16-bit or fp8, else in `dtype`."""
+        config = T5Config(**t5_config_from_state_dict(state_dict))
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+        model.encoder.embed_tokens = model.shared  # tied in transformers; files hold `shared.weight` only
+        own = set(model.state_dict()) - {"encoder.embed_tokens.weight"}
+        missing = own - set(state_dict)
+        if missing:
+            raise ModelLoadError(f"T5 weights lack {len(missing)} tensors, e.g. {min(missing)}")
+        file_dtype = state_dict["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype
+        storage = file_dtype if file_dtype in _STORAGE_DTYPES else dtype
+        weights = {}
+        for key in own:
+            target = COMPUTE_DTYPE if any(part in key for part in _KEEP_FLOAT32) else storage
+            weights[key] = state_dict[key].to(device=device, dtype=target, copy=True)
+        if state_dict["shared.weight"].dtype in _FP8:
+            weights["shared.weight"] = torch.nan_to_num(weights["shared.weight"])
+        model.load_state_dict(weights, strict=False, assign=True)
+        model.encoder.embed_tokens = model.shared
+        if storage != COMPUTE_DTYPE:
+            apply_layerwise_casting(
+                model, storage_dtype=storage, compute_dtype=COMPUTE_DTYPE, skip_modules_pattern=_KEEP_FLOAT32
+            )
+        return cls(model, storage)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.shared.weight.device
+
+    def embed(self, rows: Iterable[Chunk]) -> torch.Tensor:
+        """Input embeddings [rows, length, width] in float32; all rows have one length.
+
+        As ComfyUI: an embedding vector of the wrong width is dropped and the row padded at the end."""
+        ids: list[list[int]] = []
+        vectors: list[tuple[int, int, torch.Tensor]] = []
+        for row, chunk in enumerate(rows):
+            tokens = [t for t, _ in chunk if isinstance(t, int) or t.shape[-1] == self.width]
+            tokens += [PAD] * (len(chunk) - len(tokens))
+            ids.append([t if isinstance(t, int) else 0 for t in tokens])
+            vectors += [(row, i, t) for i, t in enumerate(tokens) if not isinstance(t, int)]
+        embeds = self.model.shared(to_device(torch.tensor(ids), self.device))
+        for row, i, t in vectors:
+            embeds[row, i] = t.to(device=embeds.device, dtype=embeds.dtype)
+        return embeds
+
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, keep: Iterable[int]) -> ForwardOutput:
+        """Run the blocks; `keep` names the (0-based) blocks whose outputs are returned (before the final
+        layer norm). No attention mask, as ComfyUI's Flux/SD3 T5: padding takes part in attention."""
+        keep = set(keep)
+        h = embeds.to(COMPUTE_DTYPE)
+        bias = None
+        hidden: dict[int, torch.Tensor] = {}
+        stack = self.model.encoder
+        for i, block in enumerate(stack.block):
+            h, bias, _ = block(h, None, bias, None, None, None, cache=None)
+            if i in keep:
+                hidden[i] = h
+        return ForwardOutput(hidden, stack.final_layer_norm(h))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder.final_layer_norm(h)
