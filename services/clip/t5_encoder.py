@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import torch
-from diffusers.hooks import apply_layerwise_casting
+from diffusers.hooks.layerwise_casting import apply_layerwise_casting, apply_layerwise_casting_hook
 from transformers import T5Config, T5EncoderModel
 
 from luna_stack.weights.checkpoint import t5_config_from_state_dict
@@ -75,9 +75,12 @@ class T5Encoder:
         model.load_state_dict(weights, strict=False, assign=True)
         model.encoder.embed_tokens = model.shared
         if storage != COMPUTE_DTYPE:
-            apply_layerwise_casting(
-                model, storage_dtype=storage, compute_dtype=COMPUTE_DTYPE, skip_modules_pattern=_KEEP_FLOAT32
-            )
+            skip = (*_KEEP_FLOAT32, "DenseReluDense")
+            apply_layerwise_casting(model, storage, COMPUTE_DTYPE, skip_modules_pattern=skip)
+            for block in model.encoder.block:
+                # transformers casts the feed-forward's hidden states to `wo`'s dtype before `wo`: the
+                # whole feed-forward upcasts at once, so that dtype is the compute dtype there.
+                apply_layerwise_casting_hook(block.layer[-1].DenseReluDense, storage, COMPUTE_DTYPE, False)
         return cls(model, storage)
 
     @property
