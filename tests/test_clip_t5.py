@@ -1,4 +1,4 @@
-"""Flux and SD3 text conditioning (CLIP-L / CLIP-G / T5-XXL) of the CLIP service against in-process references.
+"""Flux and SD3 conditioning (CLIP-L / CLIP-G / T5-XXL) of the CLIP service against in-process references.
 
 The references load the fixture files on their own into transformers' T5EncoderModel / CLIPTextModel(
 WithProjection) in float32 (ComfyUI computes T5 in float32 too, see luna_stack.clip.t5_encoder), run
@@ -164,7 +164,9 @@ def test_sd3_matches_transformers_and_missing_encoders(roots):
     a, b = _encode(ckpt, "sd3", WEIGHTED), _encode(triple, "sd3", WEIGHTED)
     torch.testing.assert_close(a[0][:, :77], b[0][:, :77], rtol=0, atol=1e-5)  # same CLIP weights
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-5)
-    sd3_t5 = ref_t5(roots.resolve("sd3-text.safetensors", ["checkpoints"]), "text_encoders.t5xxl.transformer.")
+    sd3_t5 = ref_t5(
+        roots.resolve("sd3-text.safetensors", ["checkpoints"]), "text_encoders.t5xxl.transformer."
+    )
     assert torch.equal(a[0][:, 77:], t5_expected(sd3_t5, t5_tokens(WEIGHTED, 77)))  # its T5 is fp32
     # no T5 (DualCLIPLoader type=sd3 on clip_l+clip_g): CLIP part padded to 4096
     pair = load_clip_model("clip_l.safetensors+clip_g.safetensors", roots)
@@ -219,7 +221,7 @@ def test_batch_rows_of_other_lengths_do_not_change_a_result(roots):
 
 
 def _t5_lora(path: Path, model: T5EncoderModel, prefix: str, rank: int = 4, seed: int = 0) -> dict:
-    """A kohya-named T5 LoRA on every attention projection (`<prefix>encoder_block_N_layer_0_SelfAttention_q`)."""
+    """A kohya-named T5 LoRA on every attention projection (`<prefix>encoder_block_N_..._SelfAttention_q`)."""
     gen = torch.Generator().manual_seed(seed)
     truth, tensors = {}, {}
     for name, module in model.named_modules():
@@ -288,7 +290,7 @@ async def test_service_flux_sd3_tokens_lora_and_errors(models_dir, redis_url, st
 
         # the cache keys on family and T5 tokens
         p = {"model": FLUX, "text": "a cache probe"}
-        _, first = await client.call("encode", params=p)
+        await client.call("encode", params=p)
         _, second = await client.call("encode", params=p)
         _, other_t5 = await client.call("encode", params={**p, "text_t5xxl": "a cache probe!"})
         _, other_family = await client.call("encode", params={**p, "family": "sd3"})

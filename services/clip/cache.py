@@ -1,9 +1,10 @@
 """Conditioning cache in Redis, shared by every replica: a repeated prompt never reaches the GPU.
 
 The key is the sha256 of everything the output depends on: the encoders' weights (content hash), the
-compute dtype, the family (a Flux pair may also give SD3 conditioning), per-encoder token ids (T5's too) (textual-inversion vectors by their bytes' hash) and weights, the
-clip skip, and the LoRA stack as (file content hash, strength). The value is the safetensors blob of
-(cond, pooled). Hits and misses are counted per replica and, in Redis, across replicas.
+compute dtype, the family (a Flux pair may also give SD3 conditioning), per-encoder token ids, T5's
+included (textual-inversion vectors by their bytes' hash) and weights, the clip skip, and the LoRA stack
+as (file content hash, strength). The value is the safetensors blob of (cond, pooled). Hits and misses
+are counted per replica and, in Redis, across replicas.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A request names a model and gives either text (tokenized here, ComfyUI's syntax) or per-encoder token
 chunks with weights (what ComfyUI's own tokenizer produced). Families: SD1.5 (CLIP-L), SDXL (CLIP-L +
-CLIP-G), Flux (CLIP-L + T5-XXL) and SD3 (any of CLIP-L, CLIP-G, T5-XXL; t5_conditioning.py). Concurrent requests for one model run as
-one forward through the server's batcher; per-request LoRA goes through the side path; results are
-cached in Redis by content (model weights, tokens, weights, clip skip, LoRA file hashes). On CUDA each
-encoder's forward replays a captured graph per row bucket (encoder_graphs.py), LoRA through its static
-bank.
+CLIP-G), Flux (CLIP-L + T5-XXL) and SD3 (any of CLIP-L, CLIP-G, T5-XXL; t5_conditioning.py). Concurrent
+requests for one model run as one forward through the server's batcher; per-request LoRA goes through
+the side path; results are cached in Redis by content (model weights, tokens, weights, clip skip, LoRA
+file hashes). On CUDA each encoder's forward replays a captured graph per row bucket
+(encoder_graphs.py), LoRA through its static bank.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from luna_stack.gpu.graph_config import (
     max_shapes_setting,
 )
 
-
 FLUX_T5_MIN = 256  # the T5 sequence of a Flux prompt is padded to 256 tokens: the cap cannot be lower
 
 

@@ -28,7 +28,7 @@ from luna_stack.lora.stack import LoraStack
 from luna_stack.wire.errors import BadRequest
 
 from .conditioning import EncodeJob, Forward, LoraContext, _lora, choose_layer, encode_rows
-from .encoders import to_device
+from .encoders import ForwardOutput, to_device
 from .t5_encoder import T5Encoder
 from .t5_tokenize import END, PAD
 from .tokenize import Chunk
@@ -107,18 +107,20 @@ def encode_t5(
             out = encoder.forward(encoder.embed(rows), {i for i in index if i is not None})
         for row, (i, layer) in enumerate(zip(members, index, strict=True)):
             job = jobs[i]
-
-            def pick(r: int, layer: int | None = layer) -> torch.Tensor:
-                return out.final[r] if layer is None else encoder.final_norm(out.hidden[layer][r])
-
-            z = pick(row).float()
+            z = _pick(encoder, out, layer, row)
             chunk = job.chunks["t5xxl"][0]
             if _weighted(chunk):
-                z_empty = pick(empty_row[job.lora]).float()
+                z_empty = _pick(encoder, out, layer, empty_row[job.lora])
                 w = to_device(torch.tensor([w for _, w in chunk]), z.device).unsqueeze(-1)
                 z = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)
             results[i] = z.unsqueeze(0).clone()
     return [r for r in results if r is not None]
+
+
+def _pick(encoder: T5Encoder, out: ForwardOutput, layer: int | None, row: int) -> torch.Tensor:
+    """One row's output: the final norm, or block `layer`'s output through the final norm."""
+    z = out.final[row] if layer is None else encoder.final_norm(out.hidden[layer][row])
+    return z.float()
 
 
 def _weighted(chunk: Chunk) -> bool:

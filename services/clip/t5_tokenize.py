@@ -99,8 +99,8 @@ def check_length(count: int, max_tokens: int) -> None:
 def t5_tokens_from_ids(raw: object, max_tokens: int) -> Chunk:
     """Validate a client-supplied T5 sequence (ComfyUI's `t5xxl` list): [[id, weight], ...] or that list
     wrapped once (ComfyUI's token dict keeps the sequence as the only chunk)."""
-    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], list) and raw[0]:
-        if isinstance(raw[0][0], list | tuple):
+    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], list) and raw[0]:  # noqa: SIM102
+        if isinstance(raw[0][0], list | tuple):  # [[[id, w], ...]], not [[id, w]]
             raw = raw[0]
     if not isinstance(raw, list) or not raw:
         raise BadRequest("tokens.t5xxl must be a non-empty list of [id, weight] pairs")

@@ -61,7 +61,9 @@ def _t5_model(size: Size) -> nn.Module:
 
 
 def _t5_part(size: Size, seed: int, prefix: str) -> _Part:
-    return _Part(build=_on_meta(lambda: _t5_model(size)), rename=dict, prefix=prefix, seed=seed * _T5_SEED + 1)
+    return _Part(
+        build=_on_meta(lambda: _t5_model(size)), rename=dict, prefix=prefix, seed=seed * _T5_SEED + 1
+    )
 
 
 def write_t5(

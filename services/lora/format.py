@@ -4,7 +4,8 @@ A LoRA file is a safetensors state dict of low-rank factor pairs. Three naming f
 
 - kohya: `lora_unet_<path with _>` / `lora_te_` (SD1.5 CLIP-L) / `lora_te1_` (SDXL CLIP-L) / `lora_te2_`
   (SDXL CLIP-G) / T5-XXL as ComfyUI's model_lora_keys_clip names it: `lora_te2_` in Flux files (CLIP-L
-  + T5), `lora_te3_` in SD3 files, told from CLIP-G by the T5 module path (`encoder_block_N_...`), tensors `.lora_down.weight`, `.lora_up.weight`, `.alpha`. The underscore-joined path is
+  + T5), `lora_te3_` in SD3 files, told from CLIP-G by the T5 module path (`encoder_block_N_...`);
+  tensors `.lora_down.weight`, `.lora_up.weight`, `.alpha`. The underscore-joined path is
   ambiguous; it is matched against a model's module names later (see lora_resolve).
 - diffusers/PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` (or no prefix, or `base_model.model.`),
   tensors `.lora_A.weight` / `.lora_B.weight`; older diffusers wrote `.lora.down.weight`,

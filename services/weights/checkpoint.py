@@ -155,7 +155,11 @@ _SD3_TEXT = {
     "clip_g": "text_encoders.clip_g.transformer.",
     "t5xxl": "text_encoders.t5xxl.transformer.",
 }
-_T5_KEYS = ("shared.weight", "encoder.final_layer_norm.weight", "encoder.block.0.layer.0.SelfAttention.q.weight")
+_T5_KEYS = (
+    "shared.weight",
+    "encoder.final_layer_norm.weight",
+    "encoder.block.0.layer.0.SelfAttention.q.weight",
+)
 
 
 def _has_prefix(keys: set[str], prefix: str) -> bool:
