@@ -235,7 +235,7 @@ class ClipFamily(ModelFamily[ClipModel, ClipWork]):
         if op == "tokenize":
             chunks, warnings = await self._chunks(model, family, params)
             tokens = {k: chunks_to_json(v) for k, v in chunks.items()}
-            return Reply({}, {"model": model.name, "tokens": tokens, "warnings": warnings})
+            return Reply({}, {"model": model.name, "family": family, "tokens": tokens, "warnings": warnings})
         clip_skip = self._clip_skip(params)
         lora_files = parse_stack(params.get("lora"), self.ctx.roots, self.cfg.max_loras)
         out_params: Params = {"model": model.name, "family": family, **self._size_params(params)}
