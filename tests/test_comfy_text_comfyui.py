@@ -27,14 +27,14 @@ from .comfyui_import import import_comfyui
 if COMFYUI_PATH:  # ComfyUI before transformers (see comfyui_harness)
     import_comfyui(COMFYUI_PATH)
 
-from luna_stack.client.http import AsyncClient  # noqa: E402
-from luna_stack.clip.family import build  # noqa: E402
-from luna_stack.devtools.fixtures import clip_config, write_clip  # noqa: E402
-from luna_stack.devtools.fixtures_t5 import t5_config, write_t5  # noqa: E402
+from luna_stack.client.http import AsyncClient
+from luna_stack.clip.family import build
+from luna_stack.devtools.fixtures import clip_config, write_clip
+from luna_stack.devtools.fixtures_t5 import t5_config, write_t5
 
-from .conftest import make_settings  # noqa: E402
-from .test_clip_conditioning import LONG, SHORT, WEIGHTED  # noqa: E402
-from .test_t5_tokenizer import GOLDEN  # noqa: E402
+from .conftest import make_settings
+from .test_clip_conditioning import LONG, SHORT, WEIGHTED
+from .test_t5_tokenizer import GOLDEN
 
 pytestmark = requires_comfyui
 PROMPTS = [p for p, _, _ in GOLDEN if "embedding:" not in p] + [LONG, SHORT, WEIGHTED]
