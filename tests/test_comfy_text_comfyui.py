@@ -146,3 +146,38 @@ async def test_tokens_and_conditioning_equal_comfyui(text_models, start_service)
 def _no_grad():
     with torch.no_grad():
         yield
+
+
+def test_pack_clip_proxy_through_comfyui_nodes(text_models, start_service):
+    """ComfyUI's CLIPTextEncodeFlux (two tokenize calls, guidance in add_dict) and CLIPTextEncode on the
+    pack's ClipProxy (family flux, ComfyUI's FluxTokenizer) == the same nodes on ComfyUI's own CLIP."""
+    import nodes as comfy_nodes_builtin
+    from comfy.text_encoders.flux import FluxTokenizer
+    from comfy_extras.nodes_flux import CLIPTextEncodeFlux
+
+    from comfy_nodes.clip_proxy import ClipProxy
+    from comfy_nodes.remote import Services
+    from comfy_nodes.settings import PackSettings
+    from luna_stack.devtools.embedded import free_port
+
+    local = _comfy_clip("flux", {"l": "clip_l.safetensors", "t5xxl": "t5xxl.safetensors"}, text_models)
+    svc = start_service(build, make_settings(text_models))
+    dead = f"http://127.0.0.1:{free_port()}"
+    services = Services(PackSettings({"clip": svc.url, "vae": dead, "unet": dead}, None, None))
+    try:
+        proxy = ClipProxy(services, FLUX, "flux", tokenizer=FluxTokenizer(embedding_directory=None))
+        ((want, want_extra),) = CLIPTextEncodeFlux.execute(local, SHORT, WEIGHTED, 3.5).result[0]
+        ((got, got_extra),) = CLIPTextEncodeFlux.execute(proxy, SHORT, WEIGHTED, 3.5).result[0]
+        assert got_extra["guidance"] == want_extra["guidance"] == 3.5
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            got_extra["pooled_output"], want_extra["pooled_output"].float(), rtol=1e-4, atol=1e-4
+        )
+        ((want, want_extra),) = comfy_nodes_builtin.CLIPTextEncode().encode(local, LONG)[0]
+        ((got, got_extra),) = comfy_nodes_builtin.CLIPTextEncode().encode(proxy, LONG)[0]
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            got_extra["pooled_output"], want_extra["pooled_output"].float(), rtol=1e-4, atol=1e-4
+        )
+    finally:
+        services.close()
