@@ -26,7 +26,7 @@ from luna_stack.clip.t5_conditioning import encode_t5_jobs
 from luna_stack.clip.t5_tokenize import FLUX_MIN_LENGTH, SD3_MIN_LENGTH, shared_t5_tokenizer, tokenize_t5
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.devtools.fixtures import clip_config, write_clip
-from luna_stack.devtools.fixtures_t5 import t5_config, write_sd3_text, write_t5
+from luna_stack.devtools.fixtures_t5 import t5_config, write_sd3_text, write_t5, write_t5_gguf
 from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import BadRequest, LimitExceeded
@@ -49,6 +49,7 @@ def roots(tmp_path_factory) -> ModelRoots:
         root / "text_encoders" / "t5xxl_fp8_e4m3fn.safetensors", "small", seed=3, dtype=torch.float8_e4m3fn
     )
     write_sd3_text(root / "checkpoints" / "sd3-text.safetensors", "small", seed=3, dtype=torch.float32)
+    write_t5_gguf(root / "text_encoders" / "t5xxl-Q8_0.gguf", "small", seed=3)
     return ModelRoots([root])
 
 
@@ -201,6 +202,45 @@ def test_fp8_storage_stays_fp8_and_computes_upcast(roots):
     seq = t5_tokens(WEIGHTED, 77)
     cond, _ = _encode(model, "sd3", WEIGHTED)
     assert torch.equal(cond, t5_expected(ref, seq))
+
+
+def test_gguf_t5_stays_quantized_and_matches_its_dequantized_weights(roots):
+    import gguf
+    import numpy as np
+
+    model = load_clip_model("t5xxl-Q8_0.gguf", roots)
+    q = model.t5.model.encoder.block[0].layer[0].SelfAttention.q
+    assert q.parametrizations.weight.original.dtype == torch.uint8  # Q8_0 blocks resident
+    # reference: the gguf package's own dequantization, ComfyUI-GGUF's names, transformers' T5
+    names = {
+        "enc.": "encoder.",
+        ".blk.": ".block.",
+        "token_embd": "shared",
+        "output_norm": "final_layer_norm",
+    }
+    names |= {f"attn_{x}": f"layer.0.SelfAttention.{x}" for x in "qkvo"}
+    names |= {
+        "attn_norm": "layer.0.layer_norm",
+        "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    }
+    names |= {"ffn_up": "layer.1.DenseReluDense.wi_1", "ffn_down": "layer.1.DenseReluDense.wo"}
+    names |= {"ffn_gate": "layer.1.DenseReluDense.wi_0", "ffn_norm": "layer.1.layer_norm"}
+    sd = {}
+    for t in gguf.GGUFReader(str(roots.resolve("t5xxl-Q8_0.gguf", ["text_encoders"]))).tensors:
+        key = t.name
+        for old, new in names.items():
+            key = key.replace(old, new)
+        values = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type))
+        sd[key] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(tuple(reversed(t.shape)))
+    ref = T5EncoderModel(T5Config(**t5_config("small"))).eval()
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert not unexpected and missing == ["encoder.embed_tokens.weight"]
+    ref.encoder.embed_tokens = ref.shared
+    cond, _ = _encode(model, "sd3", WEIGHTED)
+    torch.testing.assert_close(cond, t5_expected(ref, t5_tokens(WEIGHTED, 77)), rtol=0, atol=1e-5)
+    # and close to the unquantized fp16 file (Q8_0 error only)
+    fp16, _ = _encode(load_clip_model("t5xxl.safetensors", roots), "sd3", WEIGHTED)
+    assert (cond - fp16).abs().max() < 0.05 * fp16.abs().max()
 
 
 def test_batch_rows_of_other_lengths_do_not_change_a_result(roots):

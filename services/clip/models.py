@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from luna_stack.lora.side import LoraSlots, attach_side_paths
+from luna_stack.unet.precision import QuantizedWeight
 from luna_stack.weights.checkpoint import detect, load_shapes, load_state_dict
 from luna_stack.weights.ldm_layout import clip_hf_canonical, clip_openclip_to_hf
 from luna_stack.weights.paths import ModelRoots
@@ -30,7 +31,7 @@ from luna_stack.wire.errors import BadRequest, ModelLoadError
 from luna_stack.wire.tensors import dtype_name
 
 from .encoders import ClipEncoder
-from .t5_encoder import T5Encoder
+from .t5_encoder import T5Encoder, read_gguf_t5
 from .tokenize import CLIP_G, CLIP_L, EncoderSpec
 
 Family = Literal["sd15", "sdxl", "flux", "sd3"]
@@ -110,8 +111,10 @@ class ClipModel:
         }
 
 
-def _encoder_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _encoder_weights(path: Path) -> dict[str, dict[str, Any]]:
     """Canonical HF-layout text-encoder weights found in one file, by encoder key ("l", "g", "t5xxl")."""
+    if path.suffix.lower() == ".gguf":
+        return {"t5xxl": read_gguf_t5(path)}
     info = detect(load_shapes(path))
     found: dict[str, dict[str, torch.Tensor]] = {}
     for part in info.components:
@@ -128,12 +131,14 @@ def _encoder_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return found
 
 
-def _content_id(weights: dict[str, dict[str, torch.Tensor]]) -> str:
+def _content_id(weights: dict[str, dict[str, Any]]) -> str:
     digest = hashlib.sha256()
     for key in sorted(weights):
         for name in sorted(weights[key]):
-            t = weights[key][name].contiguous()
-            digest.update(f"{key}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            value = weights[key][name]
+            kind = value.qtype.name if isinstance(value, QuantizedWeight) else value.dtype
+            t = value.raw if isinstance(value, QuantizedWeight) else value.contiguous()
+            digest.update(f"{key}:{name}:{kind}:{tuple(value.shape)};".encode())
             digest.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return digest.hexdigest()
 
@@ -142,7 +147,7 @@ def load_clip_model(
     name: str, roots: ModelRoots, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> ClipModel:
     paths = tuple(roots.resolve(part.strip(), FOLDERS) for part in name.split("+"))
-    weights: dict[str, dict[str, torch.Tensor]] = {}
+    weights: dict[str, dict[str, Any]] = {}
     for path in paths:
         for key, sd in _encoder_weights(path).items():
             if key in weights:

@@ -8,6 +8,11 @@ diffusers' layerwise casting; norms, the relative attention bias and the embeddi
 An fp8 embedding goes through nan_to_num as in ComfyUI's T5.forward. The attention is transformers'
 (unscaled scores, as T5 defines it); ComfyUI scales k by sqrt(d_kv) and lets SDPA divide it back out,
 so the two agree to float32 rounding, not bitwise.
+
+GGUF files in city96's ComfyUI-GGUF convention (llama.cpp names `enc.blk.N.attn_q.weight`,
+`token_embd.weight`, ...; its loader's clip_sd_map) load too: quantized weights stay resident as their
+GGUF blocks and dequantize to float32 at each use (unet/precision.py's parametrization); the embedding is
+dequantized once, as ComfyUI-GGUF does.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 from diffusers.hooks.layerwise_casting import apply_layerwise_casting, apply_layerwise_casting_hook
 from transformers import T5Config, T5EncoderModel
 
+from luna_stack.unet.loader import read_gguf_unet
+from luna_stack.unet.precision import QuantizedWeight, install_gguf_weights
 from luna_stack.weights.checkpoint import t5_config_from_state_dict
 from luna_stack.wire.errors import ModelLoadError
 
@@ -30,6 +37,41 @@ _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.flo
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Modules kept in the compute dtype: everything but the Linear layers of the blocks.
 _KEEP_FLOAT32 = ("shared", "embed_tokens", "relative_attention_bias", "layer_norm")
+GGUF_RAW = torch.uint8  # storage_dtype of GGUF-quantized weights (raw blocks)
+# llama.cpp -> HF names, applied in this order (ComfyUI-GGUF's clip_sd_map).
+_GGUF_T5_NAMES = (
+    ("enc.", "encoder."),
+    (".blk.", ".block."),
+    ("token_embd", "shared"),
+    ("output_norm", "final_layer_norm"),
+    ("attn_q", "layer.0.SelfAttention.q"),
+    ("attn_k", "layer.0.SelfAttention.k"),
+    ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"),
+    ("attn_norm", "layer.0.layer_norm"),
+    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+    ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"),
+    ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+    ("ffn_norm", "layer.1.layer_norm"),
+)
+Weights = Mapping[str, torch.Tensor | QuantizedWeight]
+
+
+def read_gguf_t5(path) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """A ComfyUI-GGUF T5 encoder file's tensors under HF names (quantized ones as QuantizedWeight)."""
+    raw, _ = read_gguf_unet(path)
+    if "enc.blk.0.attn_q.weight" not in raw:
+        raise ModelLoadError(
+            f"{path.name} is not a T5 encoder GGUF",
+            hint="GGUF text encoders are T5 files in ComfyUI-GGUF's names",
+        )
+    out = {}
+    for key, value in raw.items():
+        for old, new in _GGUF_T5_NAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
 
 
 class T5Encoder:
@@ -48,7 +90,7 @@ class T5Encoder:
     @classmethod
     def from_state_dict(
         cls,
-        state_dict: Mapping[str, torch.Tensor],
+        state_dict: Weights,
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -64,6 +106,8 @@ class T5Encoder:
         missing = own - set(state_dict)
         if missing:
             raise ModelLoadError(f"T5 weights lack {len(missing)} tensors, e.g. {min(missing)}")
+        if any(isinstance(v, QuantizedWeight) for v in state_dict.values()):
+            return cls._from_gguf(model, state_dict, own, torch.device(device))
         file_dtype = state_dict["encoder.block.0.layer.0.SelfAttention.q.weight"].dtype
         storage = file_dtype if file_dtype in _STORAGE_DTYPES else dtype
         weights = {}
@@ -82,6 +126,19 @@ class T5Encoder:
                 # whole feed-forward upcasts at once, so that dtype is the compute dtype there.
                 apply_layerwise_casting_hook(block.layer[-1].DenseReluDense, storage, COMPUTE_DTYPE, False)
         return cls(model, storage)
+
+    @classmethod
+    def _from_gguf(
+        cls, model: T5EncoderModel, state_dict: Weights, own: set[str], device: torch.device
+    ) -> T5Encoder:
+        weights = {k: state_dict[k] for k in own}
+        shared = weights["shared.weight"]
+        if isinstance(shared, QuantizedWeight):  # looked up by row: expanded once
+            weights["shared.weight"] = shared.dequantize(COMPUTE_DTYPE)
+        weights["encoder.embed_tokens.weight"] = weights["shared.weight"]
+        install_gguf_weights(model, dict(weights), COMPUTE_DTYPE, device)
+        model.encoder.embed_tokens = model.shared
+        return cls(model, GGUF_RAW)
 
     @property
     def device(self) -> torch.device:

@@ -3,6 +3,8 @@
 - `write_t5`: a standalone clip/ or text_encoders/ file as t5xxl_fp16.safetensors is laid out: HF names
   `shared.weight`, `encoder.block.N.layer.M.*`, `encoder.final_layer_norm.weight` (no tied
   `encoder.embed_tokens`); fp16, bf16, fp32 or fp8 (t5xxl_fp8_e4m3fn.safetensors) storage.
+- `write_t5_gguf`: the same weights as a ComfyUI-GGUF T5 encoder (llama.cpp names, Q8_0 blocks where a
+  row allows, F32 otherwise).
 - `write_sd3_text`: the text-encoder section of an SD3.5 all-in-one checkpoint,
   `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`, every encoder in HF layout.
 Small: the real 32128-token vocabulary, 128 wide (wide enough for the small CLIP-L ++ CLIP-G, 96), two
@@ -99,3 +101,36 @@ def write_sd3_text(
     if with_t5:
         parts.append(_t5_part(size, seed, "text_encoders.t5xxl.transformer."))
     return _write(Path(path), parts, dtype, _metadata("sd3_text", "sd3", size, seed))
+
+
+def _gguf_name(hf: str) -> str:
+    """HF name -> llama.cpp name, the inverse of ComfyUI-GGUF's clip_sd_map."""
+    from luna_stack.clip.t5_encoder import _GGUF_T5_NAMES
+
+    for gguf_name, hf_name in reversed(_GGUF_T5_NAMES):
+        hf = hf.replace(hf_name, gguf_name)
+    return hf
+
+
+def write_t5_gguf(path: str | Path, size: Size = "small", seed: int = 0, qtype: str = "Q8_0") -> Path:
+    """A T5 encoder GGUF as city96's converter lays it out (arch `t5encoder`)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = write_t5(path.with_name(path.name + ".safetensors.tmp"), size, seed, torch.float32)
+    target = gguf.GGMLQuantizationType[qtype]
+    block, _ = gguf.GGML_QUANT_SIZES[target]
+    writer = gguf.GGUFWriter(str(path), arch="t5encoder")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, tensor in load_file(tmp).items():
+        data = tensor.numpy()
+        chosen = target if data.ndim == 2 and data.shape[-1] % block == 0 else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(_gguf_name(key), gguf.quants.quantize(data, chosen), raw_dtype=chosen)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.unlink()
+    return path
