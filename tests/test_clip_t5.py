@@ -395,3 +395,22 @@ def test_cache_key_covers_t5_and_family():
         cache_key("m", "fp32", chunks, None, (), "sd3"),
     }
     assert base not in keys and len(keys) == 3
+
+
+async def test_half_precision_service_keeps_t5_in_float32(tmp_path, start_service):
+    """With the service in fp16 (the GPU default) CLIP runs in fp16, T5 still in float32 with float32
+    LoRA factors (their own cache): from an fp16 T5 file (stored as is by both), T5's conditioning is
+    bitwise the fp32 service's, LoRA included."""
+    write_clip(tmp_path / "clip" / "clip_l.safetensors", "l", "small", seed=6, dtype=torch.float32)
+    t5_path = write_t5(tmp_path / "clip" / "t5xxl.safetensors", "small", seed=6, dtype=torch.float16)
+    (tmp_path / "loras").mkdir()
+    _t5_lora(tmp_path / "loras" / "t5-only.safetensors", ref_t5(t5_path), "lora_te3_", seed=2)
+    params = {"model": FLUX, "text": WEIGHTED, "cache": False, "lora": [{"name": "t5-only.safetensors"}]}
+    half = start_service(build, make_settings(tmp_path, LUNA_DTYPE="fp16"))
+    full = start_service(build, make_settings(tmp_path))
+    async with AsyncClient("clip", url=half.url) as a, AsyncClient("clip", url=full.url) as b:
+        (h, _), (f, _) = await a.call("encode", params=params), await b.call("encode", params=params)
+        plain, _ = await b.call("encode", params={**params, "lora": []})
+    assert h["cond"].dtype == torch.float32 and torch.equal(h["cond"], f["cond"])
+    assert not torch.allclose(f["cond"], plain["cond"], atol=1e-3)  # the T5 LoRA acted
+    torch.testing.assert_close(h["pooled"], f["pooled"], rtol=0, atol=2e-2)  # CLIP-L in fp16
