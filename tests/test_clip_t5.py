@@ -414,3 +414,39 @@ async def test_half_precision_service_keeps_t5_in_float32(tmp_path, start_servic
     assert h["cond"].dtype == torch.float32 and torch.equal(h["cond"], f["cond"])
     assert not torch.allclose(f["cond"], plain["cond"], atol=1e-3)  # the T5 LoRA acted
     torch.testing.assert_close(h["pooled"], f["pooled"], rtol=0, atol=2e-2)  # CLIP-L in fp16
+
+
+def test_t5_embedding_of_another_width_is_dropped_and_padded(roots):
+    """ComfyUI's process_tokens: a vector that is not 128 (4096) wide is dropped, a pad goes at the end."""
+    model = load_clip_model(FLUX, roots)
+    seq = t5_tokens("a cat")
+    with_vector = [seq[0], (torch.ones(32), 1.0), *seq[1:-1]]  # a CLIP-L-wide vector, same length
+    padded = [seq[0], *seq[1:-1], (0, 1.0)]
+    jobs = [EncodeJob({"l": clip_chunks("a cat", CLIP_L), "t5xxl": [c]}) for c in (with_vector, padded)]
+    (a, _), (b, _) = encode_t5_jobs(model, "flux", jobs)
+    assert torch.equal(a, b)
+
+
+def test_lora_files_name_t5_as_comfyui_does():
+    from luna_stack.lora.format import parse_lora
+
+    pair = {"lora_down.weight": torch.ones(2, 8), "lora_up.weight": torch.ones(8, 2)}
+    names = [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",  # CLIP-G (SDXL / SD3)
+        "lora_te2_encoder_block_0_layer_0_SelfAttention_q",  # T5 in Flux files (OneTrainer / kohya)
+        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wo",  # T5 in SD3 files
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k",
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+    ]
+    sd = {f"{name}.{suffix}": t for name in names for suffix, t in pair.items()}
+    parsed = parse_lora(sd, "te.safetensors")
+    assert parsed.components == ("clip_l", "clip_g", "t5xxl")
+    assert sorted((t.component, t.name) for t in parsed.targets) == [
+        ("clip_g", "text_model_encoder_layers_0_self_attn_q_proj"),
+        ("clip_l", "text_model.encoder.layers.0.mlp.fc1"),
+        ("clip_l", "text_model_encoder_layers_0_self_attn_q_proj"),
+        ("t5xxl", "encoder.block.0.layer.0.SelfAttention.k"),
+        ("t5xxl", "encoder_block_0_layer_0_SelfAttention_q"),
+        ("t5xxl", "encoder_block_1_layer_1_DenseReluDense_wo"),
+    ]

@@ -35,7 +35,6 @@ from .t5_encoder import T5Encoder, read_gguf_t5
 from .tokenize import CLIP_G, CLIP_L, EncoderSpec
 
 Family = Literal["sd15", "sdxl", "flux", "sd3"]
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "flux", "sd3")
 _EXACT: dict[frozenset[str], Family] = {
     frozenset({"l"}): "sd15",
     frozenset({"l", "g"}): "sdxl",
