@@ -23,7 +23,7 @@ import torch
 from diffusers.hooks.layerwise_casting import apply_layerwise_casting, apply_layerwise_casting_hook
 from transformers import T5Config, T5EncoderModel
 
-from luna_stack.unet.loader import read_gguf_unet
+from luna_stack.unet.loader import read_gguf_model
 from luna_stack.unet.precision import QuantizedWeight, install_gguf_weights
 from luna_stack.weights.checkpoint import t5_config_from_state_dict
 from luna_stack.wire.errors import ModelLoadError
@@ -60,7 +60,7 @@ Weights = Mapping[str, torch.Tensor | QuantizedWeight]
 
 def read_gguf_t5(path) -> dict[str, torch.Tensor | QuantizedWeight]:
     """A ComfyUI-GGUF T5 encoder file's tensors under HF names (quantized ones as QuantizedWeight)."""
-    raw, _ = read_gguf_unet(path)
+    raw, _ = read_gguf_model(path)
     if "enc.blk.0.attn_q.weight" not in raw:
         raise ModelLoadError(
             f"{path.name} is not a T5 encoder GGUF",
