@@ -481,6 +481,10 @@ def write_models_dir(
     written["clip_l"] = write_clip(root / "clip" / "clip_l.safetensors", "l", size, seed, dtype)
     if "sdxl" in families:
         written["clip_g"] = write_clip(root / "clip" / "clip_g.safetensors", "g", size, seed, dtype)
+    if size == "small":  # a full T5-XXL is 9.5 GB: fixtures_t5.write_t5 writes one when asked
+        from .fixtures_t5 import write_t5
+
+        written["t5xxl"] = write_t5(root / "clip" / "t5xxl.safetensors", size, seed, dtype)
     from luna_stack.devtools.fixtures_vae16 import write_vae16_files  # it imports this module
 
     written.update(write_vae16_files(root, size, seed, dtype))

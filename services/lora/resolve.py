@@ -86,7 +86,7 @@ def _build_index(model: nn.Module, component: Component) -> ModuleIndex:
         for ldm, diffusers in _unet_ldm_aliases(model).items():
             if diffusers in modules:
                 dotted.setdefault(ldm, diffusers)
-    else:  # files always say text_model.*; transformers >= 5.6 CLIPTextModel has no text_model level
+    elif component != "t5xxl":  # CLIP files say text_model.*; transformers >= 5.6 CLIPTextModel has none
         for name in modules:
             prefixed = name.startswith("text_model.")
             dotted.setdefault(name.removeprefix("text_model.") if prefixed else f"text_model.{name}", name)
