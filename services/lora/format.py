@@ -2,15 +2,17 @@
 
 A LoRA file is a safetensors state dict of low-rank factor pairs. Three naming families exist in the wild:
 
-- kohya: `lora_unet_<path with _>` / `lora_te_` (SD1.5 CLIP-L) / `lora_te1_` (SDXL CLIP-L) / `lora_te2_`
-  (SDXL CLIP-G), tensors `.lora_down.weight`, `.lora_up.weight`, `.alpha`. The underscore-joined path is
-  ambiguous; it is matched against a model's module names later (see lora_resolve).
-- diffusers/PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` (or no prefix, or `base_model.model.`),
-  tensors `.lora_A.weight` / `.lora_B.weight`; older diffusers wrote `.lora.down.weight`,
-  `.lora_linear_layer.down.weight` or `<attn>.processor.to_q_lora.down.weight`. Alpha may be absent
-  (then alpha = rank) or stored as PEFT config in the safetensors metadata `lora_adapter_metadata`.
-- LDM: `diffusion_model.` / `model.diffusion_model.` + the original UNet module path, with either pair of
-  tensor suffixes.
+- kohya: `lora_unet_<path with _>` (DiT trainers: `lora_transformer_`) / `lora_te_` (SD1.5 CLIP-L) /
+  `lora_te1_` (SDXL CLIP-L) / `lora_te2_` (SDXL CLIP-G), tensors `.lora_down.weight`, `.lora_up.weight`,
+  `.alpha`. The underscore-joined path is ambiguous; it is matched against a model's module names later
+  (see lora_resolve).
+- diffusers/PEFT: `unet.` / `transformer.` (DiTs) / `text_encoder.` / `text_encoder_2.` (or no prefix,
+  or `base_model.model.`), tensors `.lora_A.weight` / `.lora_B.weight`; older diffusers wrote
+  `.lora.down.weight`, `.lora_linear_layer.down.weight` or `<attn>.processor.to_q_lora.down.weight`.
+  Alpha may be absent (then alpha = rank) or stored as PEFT config in the safetensors metadata
+  `lora_adapter_metadata`.
+- LDM: `diffusion_model.` / `model.diffusion_model.` + the original UNet (or DiT: BFL's Flux) module
+  path, with either pair of tensor suffixes.
 
 Parsing only checks the file's own consistency; binding to a model is `lora_resolve.resolve`.
 """
@@ -114,6 +116,7 @@ _PROCESSOR_KEY = re.compile(
 # (prefix, component, flat names, format the prefix implies or None when the suffix decides)
 _PREFIXES: tuple[tuple[str, Component, bool, str | None], ...] = (
     ("lora_unet_", "unet", True, "kohya"),
+    ("lora_transformer_", "unet", True, "kohya"),  # DiT trainers' kohya names over diffusers paths
     ("lora_te1_", "clip_l", True, "kohya"),
     ("lora_te2_", "clip_g", True, "kohya"),
     ("lora_te_", "clip_l", True, "kohya"),
@@ -122,6 +125,7 @@ _PREFIXES: tuple[tuple[str, Component, bool, str | None], ...] = (
     ("text_encoder_2.", "clip_g", False, None),
     ("text_encoder.", "clip_l", False, None),
     ("unet.", "unet", False, None),
+    ("transformer.", "unet", False, None),  # diffusers' DiT pipelines (Flux, SD3) name the network so
 )
 # Other adapter algorithms whose down/up pairs alone would give a wrong result: refuse, never approximate.
 _UNSUPPORTED = {

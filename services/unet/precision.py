@@ -74,6 +74,25 @@ class QuantizedWeight:
     def to_device(self, device: torch.device) -> QuantizedWeight:
         return QuantizedWeight(self.raw.to(device), self.qtype, self.shape)
 
+    def rows(self, start: int, end: int) -> QuantizedWeight | None:
+        """Rows [start, end) of a 2-D weight, still quantized; None when a row is not whole blocks."""
+        block_size, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
+        width = self.shape[-1]
+        if self.ndim != 2 or width % block_size:
+            return None
+        row_bytes = width // block_size * type_size
+        flat = self.raw.reshape(-1)
+        return QuantizedWeight(flat[start * row_bytes : end * row_bytes], self.qtype, torch.Size((end - start, width)))
+
+    @staticmethod
+    def concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Row blocks of one type and width stacked (the inverse of `rows`)."""
+        if len(parts) == 1:
+            return parts[0]
+        rows = sum(p.shape[0] for p in parts)
+        raw = torch.cat([p.raw.reshape(-1) for p in parts])
+        return QuantizedWeight(raw, parts[0].qtype, torch.Size((rows, *parts[0].shape[1:])))
+
     def reshape(self, shape: torch.Size) -> QuantizedWeight:
         """Same blocks, another logical shape (e.g. a 1x1 conv read as a Linear): the flat order holds."""
         shape = torch.Size(shape)
