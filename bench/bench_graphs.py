@@ -28,9 +28,10 @@ from luna_stack.gpu.device import select_device
 from luna_stack.gpu.graph_config import GraphConfig
 from luna_stack.gpu.graphs import GraphRunner
 from luna_stack.lora import LoraCache, attach_side_paths, row_groups
-from luna_stack.unet.loader import LoadedUnet, load_unet
+from luna_stack.unet.loader import load_diffusion_model
+from luna_stack.unet.sd_unet import SdUnet, StepShape
 from luna_stack.unet.step import unet_forward
-from luna_stack.unet.step_runner import StepShape, build_runner
+from luna_stack.unet.step_runner import build_runner
 from luna_stack.weights.paths import ModelRoots
 
 from .common import median_ms, print_table, sync, timed_sync, write_results
@@ -93,11 +94,11 @@ def graph_memory(runner: GraphRunner, rows: int, lora: bool) -> float:
     )
 
 
-def unet_rows(args: argparse.Namespace, root: Path, model: LoadedUnet) -> list[dict[str, Any]]:
+def unet_rows(args: argparse.Namespace, root: Path, model: SdUnet) -> list[dict[str, Any]]:
     (lora_name,) = lora_files(args, root, 1, args.rank)
     cache = LoraCache(1 << 32, model.device, model.dtype)
-    lora = cache.resolve(root / "loras" / lora_name, model.unet, "unet")
-    slots = attach_side_paths(model.unet)
+    lora = cache.resolve(root / "loras" / lora_name, model.module, "unet")
+    slots = attach_side_paths(model.module)
     config = GraphConfig(True, tuple(args.buckets), False, 8, args.lora_slots, args.lora_max_rank)
     runner = build_runner(model, config)
     shape = StepShape(args.latent, args.latent)
@@ -119,7 +120,7 @@ def unet_rows(args: argparse.Namespace, root: Path, model: LoadedUnet) -> list[d
             plan = row_groups([(b, stack if with_lora else ())])
             with torch.inference_mode(), slots.plan(plan):
                 return unet_forward(
-                    model.unet, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y")
+                    model.module, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y")
                 )
 
         def graph(
@@ -209,7 +210,7 @@ def clip_rows(args: argparse.Namespace, root: Path, device: torch.device, dtype:
 def compile_rows(
     args: argparse.Namespace,
     root: Path,
-    model: LoadedUnet | None,
+    model: SdUnet | None,
     device: torch.device,
     dtype: torch.dtype,
     done: Callable[[list[dict[str, Any]]], None],
@@ -240,7 +241,7 @@ def compile_rows(
     if include_clip:
         cases["clip L+G x2"] = (clip_step, [embeds["l"], embeds["g"]])
     if model is not None:  # compiling the SDXL UNet takes minutes
-        unet = model.unet
+        unet = model.module
         attach_side_paths(unet).detach()
         inputs = {k: v.to(device) for k, v in step_inputs(model, 2, args.latent, seed=0).items()}
         inputs["timesteps"] = inputs["timesteps"].float()
@@ -405,9 +406,9 @@ def main() -> None:
         model = None
         if not args.no_unet and not args.compile_only:
             name = model_file(args, root)
-            model = load_unet(name, root / name, precision, device)
+            model = load_diffusion_model(name, root / name, precision, device)
             if args.channels_last:
-                model.unet.to(memory_format=torch.channels_last)
+                model.module.to(memory_format=torch.channels_last)
             rows += unet_rows(args, root, model)
             save()
         if not args.no_clip and not args.compile_only:
@@ -419,7 +420,7 @@ def main() -> None:
             if not args.no_unet:
                 if model is None:
                     name = model_file(args, root)
-                    model = load_unet(name, root / name, precision, device)
+                    model = load_diffusion_model(name, root / name, precision, device)
                 done = compiled
 
                 def save_unet(more: list[dict[str, Any]]) -> None:

@@ -97,12 +97,12 @@ def client_main(job: Job, index: int, reports: Any, start: Any, release: Any) ->
                 release.wait()
             return
         from luna_stack.gpu.device import gpu_uuid, select_device
-        from luna_stack.unet.loader import load_unet
+        from luna_stack.unet.loader import load_diffusion_model
 
         from .unet_common import device_inputs, forward
 
         device = select_device(job.device)
-        model = load_unet(job.model, Path(job.root) / job.model, job.precision, device)
+        model = load_diffusion_model(job.model, Path(job.root) / job.model, job.precision, device)
         batch = device_inputs(model, job.inputs)
         reports.put({"index": index, "state": "ready"})
         start.wait()

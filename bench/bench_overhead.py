@@ -38,7 +38,7 @@ from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.devtools.fixtures import write_clip, write_unet, write_vae
 from luna_stack.gpu.device import select_device
 from luna_stack.server.executor import GpuExecutor
-from luna_stack.unet.loader import load_unet
+from luna_stack.unet.loader import load_diffusion_model
 from luna_stack.unet.step import unet_forward
 from luna_stack.vae.model import load_vae
 from luna_stack.weights.paths import ModelRoots
@@ -78,7 +78,7 @@ def operations(args: argparse.Namespace, root: Path, device: torch.device) -> li
     gen = torch.Generator().manual_seed(0)
     side = 64 if args.small else 1024
     vae = load_vae(VAE, root / VAE, device, dtype["vae"])
-    unet = load_unet(UNET, root / UNET, args.dtype or DTYPE["unet"], device)
+    unet = load_diffusion_model(UNET, root / UNET, args.dtype or DTYPE["unet"], device)
     clip = load_clip_model(CLIP, ModelRoots([str(root)]), device=device, dtype=dtype["clip"])
     bpe = shared_bpe()
     rows, latent = 2, side // 8
@@ -110,7 +110,7 @@ def operations(args: argparse.Namespace, root: Path, device: torch.device) -> li
             f"UNet step {side}² b{rows}",
             {"model": UNET},
             step,
-            lambda t: unet_forward(unet.unet, t["x"], t["timesteps"], t["context"], t["y"]),
+            lambda t: unet_forward(unet.module, t["x"], t["timesteps"], t["context"], t["y"]),
             True,
         ),
         Operation(

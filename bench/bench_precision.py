@@ -27,8 +27,8 @@ from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.fixtures import unet_config
 from luna_stack.gpu.device import select_device
 from luna_stack.unet.convert import TARGETS, default_output, write_copy
-from luna_stack.unet.loader import LoadedUnet
 from luna_stack.unet.precision import PRECISIONS
+from luna_stack.unet.sd_unet import SdUnet
 
 from .common import median_ms, print_table, timed_sync
 from .unet_common import (
@@ -77,7 +77,7 @@ def _gb(nbytes: int | None) -> float | None:
     return None if nbytes is None else nbytes / GB
 
 
-def time_step(model: LoadedUnet, inputs: dict[str, Tensor], steps: int) -> tuple[float, int | None, Tensor]:
+def time_step(model: SdUnet, inputs: dict[str, Tensor], steps: int) -> tuple[float, int | None, Tensor]:
     """Median step ms after warm-up, the step's peak device memory above what was allocated before it,
     and the output (float32, host)."""
     batch = device_inputs(model, inputs)
@@ -95,7 +95,7 @@ async def measure(
     args: argparse.Namespace, root: Path, name: str, precision: str, inputs: dict[str, torch.Tensor]
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Load `name` through a UNet service at `precision`, time its step; returns the row and the output."""
-    # Eager: the step is timed on model.unet, so graphs captured at load would only cost time and memory.
+    # Eager: the step is timed on model.module, so graphs captured at load would only cost time and memory.
     async with serve(args, root, precision=precision, graphs=0) as (url, service):
         before = _allocated(service.device)
         async with AsyncClient("unet", url=url) as client:

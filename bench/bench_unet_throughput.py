@@ -49,7 +49,7 @@ def in_process_throughput(loaded, inputs: dict, clients: int, steps: int) -> flo
 
     def forward() -> None:
         with torch.inference_mode():
-            unet_forward(loaded.unet, batch["x"], batch["timesteps"], batch["context"], batch.get("y"))
+            unet_forward(loaded.module, batch["x"], batch["timesteps"], batch["context"], batch.get("y"))
         sync(device)
 
     forward()

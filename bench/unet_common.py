@@ -24,7 +24,7 @@ from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.server.app import SERVER_OPTIONS, create_app
 from luna_stack.server.service import Service
 from luna_stack.unet.family import build
-from luna_stack.unet.loader import LoadedUnet
+from luna_stack.unet.sd_unet import SdUnet
 from luna_stack.unet.step import unet_forward
 
 from .common import sync, write_results
@@ -115,27 +115,27 @@ def config_inputs(
         "timesteps": torch.full((rows,), 500.0),
         "context": torch.randn(rows, 77, config["cross_attention_dim"], generator=gen).to(dtype),
     }
-    if config.get("class_embed_type") == "projection":  # SDXL's label embedding (LoadedUnet.adm_channels)
+    if config.get("class_embed_type") == "projection":  # SDXL's label embedding (SdUnet.adm_channels)
         adm = config["projection_class_embeddings_input_dim"]
         inputs["y"] = torch.randn(rows, adm, generator=gen).to(dtype)
     return inputs
 
 
-def step_inputs(model: LoadedUnet, rows: int, latent: int, seed: int) -> dict[str, torch.Tensor]:
+def step_inputs(model: SdUnet, rows: int, latent: int, seed: int) -> dict[str, torch.Tensor]:
     return config_inputs(model.config, rows, latent, seed, model.dtype)
 
 
-def device_inputs(model: LoadedUnet, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def device_inputs(model: SdUnet, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Step inputs on the model's device in its compute dtype (timesteps stay fp32, as ComfyUI sends)."""
     return {
         k: v.to(model.device, torch.float32 if k == "timesteps" else model.dtype) for k, v in inputs.items()
     }
 
 
-def forward(model: LoadedUnet, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def forward(model: SdUnet, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """One step in process, no service: ComfyUI's diffusion_model call on device inputs, synced."""
     with torch.inference_mode():
-        out = unet_forward(model.unet, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"))
+        out = unet_forward(model.module, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"))
     sync(model.device)
     return out
 

@@ -105,19 +105,19 @@ async def test_concurrent_decodes_batch_on_the_gpu(models_dir: Path, start_servi
 
 @pytest.mark.parametrize(("precision", "bound"), [("fp16", 5e-3), ("bf16", 6e-2), ("fp8", 0.15)])
 def test_unet_precisions_against_fp32_on_the_gpu(models_dir: Path, precision: str, bound: float) -> None:
-    from luna_stack.unet.loader import load_unet
+    from luna_stack.unet.loader import load_diffusion_model
     from luna_stack.unet.step import unet_forward
 
     from .test_unet_support import step_inputs
 
     device = torch.device("cuda:0")
     path = models_dir / "checkpoints" / "sdxl-small.safetensors"
-    ref = load_unet("ref", path, "fp32", device)
-    model = load_unet("m", path, precision, device)
-    inputs = {k: v.to(device) for k, v in step_inputs(ref.unet, 2, 16, 16, seed=3).items()}
+    ref = load_diffusion_model("ref", path, "fp32", device)
+    model = load_diffusion_model("m", path, precision, device)
+    inputs = {k: v.to(device) for k, v in step_inputs(ref.module, 2, 16, 16, seed=3).items()}
     with torch.inference_mode():
-        expected = unet_forward(ref.unet, **inputs)
-        got = unet_forward(model.unet, **{k: v.to(model.dtype) for k, v in inputs.items()}).float()
+        expected = unet_forward(ref.module, **inputs)
+        got = unet_forward(model.module, **{k: v.to(model.dtype) for k, v in inputs.items()}).float()
     err = (got - expected).abs().max() / expected.abs().max()
     assert err < bound, err
     if precision == "fp8":

@@ -34,9 +34,10 @@ from luna_stack.lora.stack import LoraStack
 from luna_stack.server.batcher import Batcher
 from luna_stack.server.executor import GpuExecutor
 from luna_stack.server.metrics import Metrics
-from luna_stack.unet.loader import LoadedUnet, load_unet
+from luna_stack.unet.loader import load_diffusion_model
+from luna_stack.unet.sd_unet import SdUnet, StepShape
 from luna_stack.unet.step import unet_forward
-from luna_stack.unet.step_runner import build_runner, step_shape
+from luna_stack.unet.step_runner import build_runner
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import ConfigError
 
@@ -56,7 +57,7 @@ def graph_config(
     return GraphConfig(True, tuple(buckets), True, shapes, slots, rank)
 
 
-def unet_loras(models_dir: Path, model: LoadedUnet, folder: Path) -> dict[str, ResolvedLora]:
+def unet_loras(models_dir: Path, model: SdUnet, folder: Path) -> dict[str, ResolvedLora]:
     """Adapters for `model`: a, b, c fit a bank of rank 8; big has rank 16; locon adapts kxk convs."""
     cache = LoraCache(1 << 30, model.device, model.dtype)
     specs = {
@@ -69,19 +70,19 @@ def unet_loras(models_dir: Path, model: LoadedUnet, folder: Path) -> dict[str, R
     out = {}
     for name, spec in specs.items():
         path = folder / f"{name}.safetensors"
-        write_lora(path, model.unet, "unet", **spec)  # type: ignore[arg-type]
-        out[name] = cache.resolve(path, model.unet, "unet")
+        write_lora(path, model.module, "unet", **spec)  # type: ignore[arg-type]
+        out[name] = cache.resolve(path, model.module, "unet")
     return out
 
 
-def step_requests(model: LoadedUnet, stacks: Sequence[tuple], rows: int = 2, seed: int = 0, size: int = 8):
+def step_requests(model: SdUnet, stacks: Sequence[tuple], rows: int = 2, seed: int = 0, size: int = 8):
     return [
-        (step_inputs(model.unet, batch=rows, height=size, width=size, seed=seed + i), tuple(stack))
+        (step_inputs(model.module, batch=rows, height=size, width=size, seed=seed + i), tuple(stack))
         for i, stack in enumerate(stacks)
     ]
 
 
-def eager_step(model: LoadedUnet, requests: Sequence[Request]) -> torch.Tensor:
+def eager_step(model: SdUnet, requests: Sequence[Request]) -> torch.Tensor:
     """The service's eager forward: inputs concatenated, stacks through the hooks' row plan."""
 
     def cat(name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -89,9 +90,13 @@ def eager_step(model: LoadedUnet, requests: Sequence[Request]) -> torch.Tensor:
 
     y = cat("y", model.dtype) if "y" in requests[0][0] else None
     plan = row_groups([(r[0]["x"].shape[0], r[1]) for r in requests])
-    with torch.inference_mode(), attach_side_paths(model.unet).plan(plan):
+    with torch.inference_mode(), attach_side_paths(model.module).plan(plan):
         return unet_forward(
-            model.unet, cat("x", model.dtype), cat("timesteps", torch.float32), cat("context", model.dtype), y
+            model.module,
+            cat("x", model.dtype),
+            cat("timesteps", torch.float32),
+            cat("context", model.dtype),
+            y,
         )
 
 
@@ -101,7 +106,8 @@ def graph_step(runner: GraphRunner, requests: Sequence[Request], *, eager: bool 
     parts = {name: [r[0][name] for r in requests] for name in requests[0][0]}
     stacks = [(r[0]["x"].shape[0], r[1]) for r in requests]
     before = sum(runner.eager.values())
-    out = runner.run(step_shape(requests[0][0]["x"], requests[0][0]["context"], {}), parts, stacks)
+    first = requests[0][0]
+    out = runner.run(StepShape(*first["x"].shape[2:], first["context"].shape[1]), parts, stacks)
     ran_eager = sum(runner.eager.values()) > before
     assert ran_eager == eager, f"eager forwards: {runner.eager}"
     return out.clone()  # a static buffer: the next replay overwrites it
@@ -175,18 +181,18 @@ async def test_batcher_leaves_rows_for_the_next_batch_rather_than_pad_a_third_of
 
 # -- the UNet through the runner ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def unet(models_dir: Path) -> LoadedUnet:
-    model = load_unet("sdxl", models_dir / SDXL, "fp32", torch.device("cpu"))
-    attach_side_paths(model.unet)
+def unet(models_dir: Path) -> SdUnet:
+    model = load_diffusion_model("sdxl", models_dir / SDXL, "fp32", torch.device("cpu"))
+    attach_side_paths(model.module)
     return model
 
 
 @pytest.fixture(scope="module")
-def loras(models_dir: Path, unet: LoadedUnet, tmp_path_factory) -> dict[str, ResolvedLora]:
+def loras(models_dir: Path, unet: SdUnet, tmp_path_factory) -> dict[str, ResolvedLora]:
     return unet_loras(models_dir, unet, tmp_path_factory.mktemp("graph_loras"))
 
 
-def test_every_bucket_pads_and_slices_like_the_eager_forward(unet: LoadedUnet) -> None:
+def test_every_bucket_pads_and_slices_like_the_eager_forward(unet: SdUnet) -> None:
     metrics = Metrics("unet")
     runner = build_runner(unet, graph_config(buckets=(1, 2, 4)), metrics.graph_forwards)
     assert not runner.cuda_graphs  # CPU: replays run the forward on the static buffers
@@ -211,7 +217,7 @@ def test_every_bucket_pads_and_slices_like_the_eager_forward(unet: LoadedUnet) -
     )
 
 
-def test_shapes_beyond_the_limit_run_eager(unet: LoadedUnet) -> None:
+def test_shapes_beyond_the_limit_run_eager(unet: SdUnet) -> None:
     metrics = Metrics("unet")
     runner = build_runner(unet, graph_config(shapes=1), metrics.graph_forwards)
     graph_step(runner, step_requests(unet, [()], size=8))
@@ -221,7 +227,7 @@ def test_shapes_beyond_the_limit_run_eager(unet: LoadedUnet) -> None:
     assert [g["shape"] for g in runner.describe()["graphs"]] == ["8x8 ctx77"]
 
 
-def test_lora_stacks_through_the_bank_equal_the_eager_side_path(unet: LoadedUnet, loras) -> None:
+def test_lora_stacks_through_the_bank_equal_the_eager_side_path(unet: SdUnet, loras) -> None:
     a, b, c = loras["a"], loras["b"], loras["c"]
     runner = build_runner(unet, graph_config(buckets=(2, 8), slots=2, rank=8))
     # Three stacks and a request without LoRA in one padded batch (7 rows -> bucket 8).
@@ -256,7 +262,7 @@ def test_lora_stacks_through_the_bank_equal_the_eager_side_path(unet: LoadedUnet
         (("locon",), "adapts 3x3 convs"),
     ],
 )
-def test_stacks_that_do_not_fit_the_bank_run_eager_and_exact(unet: LoadedUnet, loras, stack, why) -> None:
+def test_stacks_that_do_not_fit_the_bank_run_eager_and_exact(unet: SdUnet, loras, stack, why) -> None:
     metrics = Metrics("unet")
     runner = build_runner(unet, graph_config(slots=2, rank=8), metrics.graph_forwards)
     requests = step_requests(unet, [tuple((loras[n], 0.7) for n in stack)], seed=30)
@@ -267,9 +273,9 @@ def test_stacks_that_do_not_fit_the_bank_run_eager_and_exact(unet: LoadedUnet, l
     assert runner.bank is not None and runner.bank.describe()["resident"] == [None, None]  # nothing evicted
 
 
-def test_scale_table_lays_strengths_out_per_row_and_slot(unet: LoadedUnet, loras) -> None:
+def test_scale_table_lays_strengths_out_per_row_and_slot(unet: SdUnet, loras) -> None:
     a, b = loras["a"], loras["b"]
-    bank = LoraBank(attach_side_paths(unet.unet), count=3, rank=8, dtype=torch.float32, device="cpu")
+    bank = LoraBank(attach_side_paths(unet.module), count=3, rank=8, dtype=torch.float32, device="cpu")
     stacks = [(2, ((a, 0.5),)), (1, ()), (2, ((a, 0.25), (b, 2.0))), (1, ((a, 1.0), (a, 1.0)))]
     table, window = bank.scale_table(stacks, rows=8) or (None, None)
     assert table is not None and table.shape == (8, 24) and window == (0, 3)
@@ -289,9 +295,9 @@ def test_scale_table_lays_strengths_out_per_row_and_slot(unet: LoadedUnet, loras
     torch.testing.assert_close(bank.up[name][:, :4], f.up.reshape(-1, 4) * f.scale)
 
 
-def test_lru_keeps_the_adapters_in_use(unet: LoadedUnet, loras) -> None:
+def test_lru_keeps_the_adapters_in_use(unet: SdUnet, loras) -> None:
     a, b, c = loras["a"], loras["b"], loras["c"]
-    bank = LoraBank(attach_side_paths(unet.unet), count=2, rank=8, dtype=torch.float32, device="cpu")
+    bank = LoraBank(attach_side_paths(unet.module), count=2, rank=8, dtype=torch.float32, device="cpu")
     assert bank.assign([a, b]) == {a: 0, b: 1}
     assert bank.assign([b]) == {b: 1}  # a is now the least recently used
     assert bank.assign([c, b]) == {c: 0, b: 1}

@@ -27,8 +27,9 @@ from luna_stack.lora import attach_side_paths
 from luna_stack.lora.stack import LoraStack
 from luna_stack.server.metrics import Metrics
 from luna_stack.unet.family import build as build_unet
-from luna_stack.unet.loader import LoadedUnet, load_unet
-from luna_stack.unet.step_runner import StepShape, build_runner
+from luna_stack.unet.loader import load_diffusion_model
+from luna_stack.unet.sd_unet import SdUnet, StepShape
+from luna_stack.unet.step_runner import build_runner
 from luna_stack.weights.paths import ModelRoots
 
 from .conftest import make_settings
@@ -57,18 +58,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def unet16(models_dir: Path) -> LoadedUnet:
-    model = load_unet("sdxl", models_dir / SDXL, "fp16", CUDA)
-    attach_side_paths(model.unet)
+def unet16(models_dir: Path) -> SdUnet:
+    model = load_diffusion_model("sdxl", models_dir / SDXL, "fp16", CUDA)
+    attach_side_paths(model.module)
     return model
 
 
 @pytest.fixture(scope="module")
-def loras16(models_dir: Path, unet16: LoadedUnet, tmp_path_factory):
+def loras16(models_dir: Path, unet16: SdUnet, tmp_path_factory):
     return unet_loras(models_dir, unet16, tmp_path_factory.mktemp("gpu_loras"))
 
 
-def test_unet_every_bucket_replays_like_eager_with_and_without_lora(unet16: LoadedUnet, loras16) -> None:
+def test_unet_every_bucket_replays_like_eager_with_and_without_lora(unet16: SdUnet, loras16) -> None:
     a, b = loras16["a"], loras16["b"]
     metrics = Metrics("unet")
     runner = build_runner(unet16, graph_config(buckets=(1, 2, 4, 8), slots=2, rank=8), metrics.graph_forwards)
@@ -118,11 +119,11 @@ def test_clip_every_bucket_replays_like_eager_with_and_without_lora(models_dir: 
 @pytest.fixture(scope="module")
 def service_loras(models_dir: Path) -> dict[str, str]:
     """LoRA files in the shared models dir for the SDXL small UNet."""
-    cpu = load_unet("w", models_dir / SDXL, "fp32", torch.device("cpu"))
+    cpu = load_diffusion_model("w", models_dir / SDXL, "fp32", torch.device("cpu"))
     names = {}
     for name, fmt, seed in (("ga", "kohya", 1), ("gb", "peft", 2), ("gc", "kohya", 3)):
         names[name] = f"graphs-{name}.safetensors"
-        write_lora(models_dir / "loras" / names[name], cpu.unet, "unet", fmt, rank=4, seed=seed)
+        write_lora(models_dir / "loras" / names[name], cpu.module, "unet", fmt, rank=4, seed=seed)
     return names
 
 
@@ -156,7 +157,7 @@ async def test_unet_service_graphs_under_concurrency_equal_graphs_off(
         [{"name": ga, "strength": 0.5}, {"name": gb, "strength": -1}],
         [{"name": gc, "strength": 1.2}],
     ]
-    ref_unet = load_unet("r", models_dir / SDXL, "fp32", torch.device("cpu")).unet
+    ref_unet = load_diffusion_model("r", models_dir / SDXL, "fp32", torch.device("cpu")).module
     requests = [
         (step_inputs(ref_unet, batch=2, seed=50 + i), {"model": SDXL, "lora": s})
         for i, s in enumerate(stacks)

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from luna_stack.unet.convert import convert
-from luna_stack.unet.loader import load_unet
+from luna_stack.unet.loader import load_diffusion_model
 from luna_stack.unet.precision import dequantize_raw
 from luna_stack.unet.step import unet_forward
 
@@ -32,7 +32,9 @@ RANDOM_BLOCKS = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS]
 
 def run(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.inference_mode():
-        return unet_forward(model.unet, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y"))
+        return unet_forward(
+            model.module, inputs["x"], inputs["timesteps"], inputs["context"], inputs.get("y")
+        )
 
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE + RANDOM_BLOCKS, ids=lambda q: q.name)
@@ -71,12 +73,12 @@ def test_q8_0_gguf_runs_quantized_within_bound(tmp_path: Path, models_dir: Path,
     sd = ldm_unet(models_dir / "unet" / f"{family}-small-unet.safetensors")
     path = tmp_path / f"{family}-Q8_0.gguf"
     write_gguf(path, sd, {"sd15": "sd1", "sdxl": "sdxl"}[family], _q8)
-    model = load_unet("q8", path, "fp32", CPU)
+    model = load_diffusion_model("q8", path, "fp32", CPU)
     assert model.precision == "gguf" and model.quant_types["Q8_0"] > 10
-    assert any(parametrize.is_parametrized(m) for m in model.unet.modules())
-    full = load_unet("fp32", models_dir / "unet" / f"{family}-small-unet.safetensors", "fp32", CPU)
+    assert any(parametrize.is_parametrized(m) for m in model.module.modules())
+    full = load_diffusion_model("fp32", models_dir / "unet" / f"{family}-small-unet.safetensors", "fp32", CPU)
     assert model.nbytes < full.nbytes / 3
-    inputs = step_inputs(full.unet, batch=2, seed=7)
+    inputs = step_inputs(full.module, batch=2, seed=7)
     expected = run(full, inputs)
     error = (run(model, inputs) - expected).abs().max() / expected.abs().max()
     assert 0 < error < 0.02
@@ -88,7 +90,7 @@ def test_k_quant_mix_equals_its_dequantized_weights(tmp_path: Path, models_dir: 
     sd = ldm_unet(models_dir / "unet" / "sdxl-small-unet.safetensors")
     path = tmp_path / "sdxl-Q4_K_M.gguf"
     held = write_gguf(path, sd, "sdxl", _q4_k_m)
-    model = load_unet("q4km", path, "fp32", CPU)
+    model = load_diffusion_model("q4km", path, "fp32", CPU)
     assert {"Q4_K", "Q6_K", "MXFP4"} <= set(model.quant_types)
     reference = reference_unet(held, "sdxl")
     inputs = step_inputs(reference, batch=1, seed=8)
@@ -105,7 +107,7 @@ def test_convert_writes_a_loadable_copy_and_reports_error(tmp_path, models_dir, 
     assert Path(report.output) == out and out.stat().st_size == report.output_bytes
     assert report.output_bytes < report.source_fp16_bytes * ratio
     assert 0 < report.relative_error < bound
-    model = load_unet("converted", out, "fp16", CPU)
+    model = load_diffusion_model("converted", out, "fp16", CPU)
     assert model.precision == ("fp8" if target == "fp8" else "gguf")
     if target == "fp8":
-        assert model.unet.down_blocks[0].resnets[0].conv1.weight.dtype == torch.float8_e4m3fn
+        assert model.module.down_blocks[0].resnets[0].conv1.weight.dtype == torch.float8_e4m3fn

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from luna_stack.devtools.fixtures import unet_config
-from luna_stack.unet.loader import LoadedUnet, load_unet
+from luna_stack.unet.loader import load_diffusion_model
+from luna_stack.unet.sd_unet import SdUnet
 from luna_stack.unet.step import BlockResiduals, control_from_wire, input_block_shapes, unet_forward
 from luna_stack.wire.errors import BadRequest, ModelLoadError
 
@@ -19,23 +20,25 @@ CPU = torch.device("cpu")
 
 
 def run(
-    model: LoadedUnet, inputs: dict[str, torch.Tensor], control: BlockResiduals | None = None
+    model: SdUnet, inputs: dict[str, torch.Tensor], control: BlockResiduals | None = None
 ) -> torch.Tensor:
     dt = model.dtype
     cast = {k: v.to(dt) if k != "timesteps" else v for k, v in inputs.items()}
     with torch.inference_mode():
-        out = unet_forward(model.unet, cast["x"], cast["timesteps"], cast["context"], cast.get("y"), control)
+        out = unet_forward(
+            model.module, cast["x"], cast["timesteps"], cast["context"], cast.get("y"), control
+        )
     return out.float()
 
 
 @pytest.fixture(scope="module")
-def loaded(models_dir: Path) -> dict[tuple[str, str], LoadedUnet]:
+def loaded(models_dir: Path) -> dict[tuple[str, str], SdUnet]:
     files = {
         (fam, kind): models_dir / folder / f"{fam}-small{suffix}.safetensors"
         for fam in ("sd15", "sdxl")
         for kind, folder, suffix in (("checkpoint", "checkpoints", ""), ("unet", "unet", "-unet"))
     }
-    return {key: load_unet(f"{key[0]}-{key[1]}", path, "fp32", CPU) for key, path in files.items()}
+    return {key: load_diffusion_model(f"{key[0]}-{key[1]}", path, "fp32", CPU) for key, path in files.items()}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def test_controlnet_residuals_match_diffusers(loaded, references, family: str) -
     model, ref = loaded[(family, "unet")], references[family]
     inputs = step_inputs(ref, batch=2, height=10, width=6, seed=2)  # odd sizes: upsample to the skip
     gen = torch.Generator().manual_seed(3)
-    shapes = input_block_shapes(model.unet, 10, 6)
+    shapes = input_block_shapes(model.module, 10, 6)
     down = [torch.randn(2, *s, generator=gen) for s in shapes]
     mid = torch.randn(2, *shapes[-1], generator=gen)
     wire = {f"control.output.{i}": t for i, t in enumerate(down)} | {"control.middle.0": mid}
@@ -83,7 +86,7 @@ def test_t2i_adapter_input_residuals_match_diffusers(loaded, references) -> None
     after each level's last resnet/attention (SD1.5 small: input blocks 2 and 5)."""
     model, ref = loaded[("sd15", "unet")], references["sd15"]
     inputs = step_inputs(ref, batch=1, seed=4)
-    shapes = input_block_shapes(model.unet, 8, 8)
+    shapes = input_block_shapes(model.module, 8, 8)
     assert len(shapes) == 6
     gen = torch.Generator().manual_seed(5)
     r2, r5 = (torch.randn(1, *shapes[i], generator=gen) for i in (2, 5))
@@ -140,7 +143,7 @@ def test_control_names_and_lengths_are_checked() -> None:
 
 
 def test_weights_are_frozen_in_eval_mode(loaded) -> None:
-    unet = loaded[("sdxl", "checkpoint")].unet
+    unet = loaded[("sdxl", "checkpoint")].module
     assert not unet.training
     assert all(not p.requires_grad for p in unet.parameters())
 
@@ -154,10 +157,10 @@ def test_precisions_store_weights_and_stay_close_to_fp32(
 ) -> None:
     """Bound: max |out - out_fp32| / max |out_fp32| (fp8 e4m3 keeps 3 mantissa bits: ~6% per weight)."""
     path = models_dir / "unet" / "sd15-small-unet.safetensors"
-    model = load_unet("sd15", path, precision, CPU)
-    conv = model.unet.down_blocks[0].resnets[0].conv1.weight
+    model = load_diffusion_model("sd15", path, precision, CPU)
+    conv = model.module.down_blocks[0].resnets[0].conv1.weight
     assert conv.dtype == stored
-    full = load_unet("sd15", path, "fp32", CPU)
+    full = load_diffusion_model("sd15", path, "fp32", CPU)
     assert model.nbytes < full.nbytes * (0.3 if precision == "fp8" else 0.55)
     inputs = step_inputs(references["sd15"], batch=1, seed=6)
     expected = run(full, inputs)
@@ -169,11 +172,11 @@ def test_precisions_store_weights_and_stay_close_to_fp32(
 def test_unusable_files_are_load_errors(tmp_path: Path, models_dir: Path) -> None:
     vae_only = models_dir / "vae" / "sd15-small-vae.safetensors"
     with pytest.raises(ModelLoadError):
-        load_unet("vae", vae_only, "fp32", CPU)
+        load_diffusion_model("vae", vae_only, "fp32", CPU)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes((models_dir / "unet" / "sd15-small-unet.safetensors").read_bytes()[:5000])
     with pytest.raises(ModelLoadError):
-        load_unet("corrupt", corrupt, "fp32", CPU)
+        load_diffusion_model("corrupt", corrupt, "fp32", CPU)
     diffusers_layout = tmp_path / "diffusers.safetensors"
     save_file(
         {
@@ -185,4 +188,4 @@ def test_unusable_files_are_load_errors(tmp_path: Path, models_dir: Path) -> Non
         str(diffusers_layout),
     )
     with pytest.raises(ModelLoadError, match="diffusers-layout"):
-        load_unet("diffusers", diffusers_layout, "fp32", CPU)
+        load_diffusion_model("diffusers", diffusers_layout, "fp32", CPU)

@@ -84,6 +84,11 @@ class DiffusionModel(abc.ABC):
     def warm_up_shapes(self, latents: Sequence[tuple[int, int]]) -> list[Hashable]:
         """Shapes captured at start: these latent sizes (empty = the family's native size)."""
 
+    @abc.abstractmethod
+    def example_inputs(self, rows: int, height: int, width: int, seed: int) -> dict[str, Tensor]:
+        """Random step inputs of a valid request (wire names, float32 on the CPU): what `convert` and the
+        benchmarks measure a copy's error and a step's time with."""
+
     def extra_description(self) -> dict[str, Any]:
         """Family-specific facts for GET /v1/unet/models (widths, guidance, ...)."""
         return {}
@@ -123,6 +128,10 @@ class Architecture(abc.ABC):
     @abc.abstractmethod
     def claims(self, keys: Mapping[str, torch.Size]) -> bool:
         """True if these tensor names and shapes (prefix stripped) are this architecture's layout."""
+
+    @abc.abstractmethod
+    def gguf_arch(self, keys: Mapping[str, torch.Size]) -> str:
+        """`general.architecture` of a GGUF copy, city96's ComfyUI-GGUF convention (sd1, sdxl, flux, sd3)."""
 
     @abc.abstractmethod
     def build(self, sd: StateDict, how: Loaded) -> DiffusionModel:

@@ -1,14 +1,16 @@
-"""`convert`: write an fp8 or GGUF copy of a checkpoint's UNet and report its size and output error.
+"""`convert`: write an fp8 or GGUF copy of a diffusion model and report its size and output error.
 
     python -m luna_stack.unet.convert checkpoints/sdxl.safetensors --to Q8_0 [--out unet/sdxl-Q8_0.gguf]
 
-fp8: a standalone LDM-layout unet/ safetensors file; weights of 2+ dimensions as float8_e4m3fn, the rest
-(biases, norms) fp16. The service serves it with e4m3 storage and bf16 compute.
-GGUF: city96's ComfyUI-GGUF convention, so ComfyUI-GGUF loads the file too: LDM keys,
-`general.architecture` sd1/sdxl, 1-D and tiny (<= 1024 values) tensors F32, tensors whose last
-dimension is not a multiple of the block reshaped to rows of 256 with `comfy.gguf.orig_shape.<key>`,
-F16 where neither fits. Types: those the gguf package can quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16);
-K-quants (Q4_K_M...) need llama.cpp's quantizer, which the service then loads.
+Any architecture the unet service loads (arch.py) converts; keys keep the file's own layout (LDM for
+SD1.5/SDXL, BFL for Flux, SAI for SD3), the checkpoint prefix dropped.
+fp8: a standalone safetensors file; weights of 2+ dimensions as float8_e4m3fn, the rest (biases, norms)
+fp16. The service serves it with e4m3 storage and bf16 compute.
+GGUF: city96's ComfyUI-GGUF convention, so ComfyUI-GGUF loads the file too: `general.architecture`
+sd1/sdxl/flux/sd3, 1-D and tiny (<= 1024 values) tensors F32, tensors whose last dimension is not a
+multiple of the block reshaped to rows of 256 with `comfy.gguf.orig_shape.<key>`, F16 where neither
+fits. Types: those the gguf package can quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16); K-quants
+(Q4_K_M...) need llama.cpp's quantizer, which the service then loads.
 
 The report compares the copy's output with the source's in fp16 on the same random step inputs.
 """
@@ -20,22 +22,19 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import gguf
 import torch
 from safetensors.torch import save_file
 
 from luna_stack.gpu.device import select_device
-from luna_stack.weights.checkpoint import detect, load_shapes, unet_config_from_state_dict
 
-from .loader import load_unet, read_safetensors_unet
+from .arch import DiffusionModel
+from .loader import architecture_of, load_diffusion_model, read_safetensors_model
 from .precision import FP8_STORAGE
-from .step import unet_forward
 
 GGUF_TARGETS = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16")
 TARGETS = ("fp8", *GGUF_TARGETS)
-_GGUF_ARCH = {"sd15": "sd1", "sdxl": "sdxl"}
 _TINY = 1024  # city96 keeps tensors of at most this many values in F32
 _ROW = 256  # and reshapes to rows of 256 when the last dimension does not fit the block
 
@@ -45,7 +44,7 @@ class ConvertReport:
     source: str
     output: str
     target: str
-    source_fp16_bytes: int  # the UNet's weights as fp16
+    source_fp16_bytes: int  # the model's weights as fp16
     output_bytes: int  # the written file
     ratio: float
     max_abs_error: float  # vs the fp16 source, one step on random inputs
@@ -53,17 +52,17 @@ class ConvertReport:
     rms_relative_error: float
 
 
-def write_fp8(sd_ldm: dict[str, torch.Tensor], out: Path) -> None:
-    tensors = {k: (v.to(FP8_STORAGE) if v.ndim >= 2 else v.half()).contiguous() for k, v in sd_ldm.items()}
+def write_fp8(sd: dict[str, torch.Tensor], out: Path) -> None:
+    tensors = {k: (v.to(FP8_STORAGE) if v.ndim >= 2 else v.half()).contiguous() for k, v in sd.items()}
     save_file(tensors, str(out), metadata={"luna_convert": "fp8"})
 
 
-def write_gguf(sd_ldm: dict[str, torch.Tensor], out: Path, family: str, target: str) -> None:
+def write_gguf(sd: dict[str, torch.Tensor], out: Path, arch: str, target: str) -> None:
     qtype = gguf.GGMLQuantizationType[target]
     block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
-    writer = gguf.GGUFWriter(str(out), arch=_GGUF_ARCH[family])
+    writer = gguf.GGUFWriter(str(out), arch=arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, tensor in sd_ldm.items():
+    for key, tensor in sd.items():
         data = tensor.float().numpy()
         chosen = qtype
         if data.ndim <= 1 or data.size <= _TINY:
@@ -81,30 +80,10 @@ def write_gguf(sd_ldm: dict[str, torch.Tensor], out: Path, family: str, target: 
     writer.close()
 
 
-def _random_step(config: dict[str, Any], latent: int, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    inputs = {
-        "x": torch.randn(2, config["in_channels"], latent, latent, generator=gen),
-        "timesteps": torch.tensor([999.0, 500.0]),
-        "context": torch.randn(2, 77, config["cross_attention_dim"], generator=gen),
-    }
-    if config.get("class_embed_type") == "projection":
-        inputs["y"] = torch.randn(2, config["projection_class_embeddings_input_dim"], generator=gen)
-    return inputs
-
-
-def _step(path: Path, precision: str, inputs: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    model = load_unet(path.name, path, precision, device)
-    dt = model.dtype
+def _step(model: DiffusionModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    step = model.parse_step(inputs, {})
     with torch.inference_mode():
-        out = unet_forward(
-            model.unet,
-            inputs["x"].to(device, dt),
-            inputs["timesteps"].to(device),
-            inputs["context"].to(device, dt),
-            inputs["y"].to(device, dt) if "y" in inputs else None,
-        )
-    return out.float().cpu()
+        return model.forward(step.shape, step.tensors).float().cpu()
 
 
 def default_output(source: Path, target: str) -> Path:
@@ -112,31 +91,30 @@ def default_output(source: Path, target: str) -> Path:
     return source.with_name(f"{source.stem}-{target}{suffix}")
 
 
-def write_copy(source: Path, target: str, out: Path | None = None) -> tuple[Path, dict[str, Any], int]:
-    """Write the converted copy only; returns its path, the UNet config and the source's fp16 bytes."""
+def write_copy(source: Path, target: str, out: Path | None = None) -> tuple[Path, int]:
+    """Write the converted copy only; returns its path and the source's weights as fp16 bytes."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
     out = out or default_output(source, target)
-    info = detect(load_shapes(source))
-    sd_ldm = read_safetensors_unet(source)
-    config = unet_config_from_state_dict(sd_ldm)
+    sd = read_safetensors_model(source)
+    arch = architecture_of(sd, source.name)
     if target == "fp8":
-        write_fp8(sd_ldm, out)
+        write_fp8(sd, out)
     else:
-        if info.family not in _GGUF_ARCH:
-            raise ValueError(f"{source.name}: cannot tell SD1.5 from SDXL (family {info.family})")
-        write_gguf(sd_ldm, out, info.family, target)
-    return out, config, sum(t.numel() * 2 for t in sd_ldm.values())
+        write_gguf(sd, out, arch.gguf_arch({k: v.shape for k, v in sd.items()}), target)
+    return out, sum(t.numel() * 2 for t in sd.values())
 
 
 def convert(
     source: Path, target: str, out: Path | None = None, device: torch.device | None = None, latent: int = 64
 ) -> ConvertReport:
     device = device or select_device("auto")
-    out, config, fp16_bytes = write_copy(source, target, out)
-    inputs = _random_step(config, latent, seed=0)
-    expected = _step(source, "fp16", inputs, device)
-    got = _step(out, "fp16", inputs, device)
+    out, fp16_bytes = write_copy(source, target, out)
+    model = load_diffusion_model(source.name, source, "fp16", device)
+    inputs = model.example_inputs(2, latent, latent, seed=0)
+    expected = _step(model, inputs)
+    del model
+    got = _step(load_diffusion_model(out.name, out, "fp16", device), inputs)
     error = (got - expected).abs()
     scale = float(expected.abs().max())
     output_bytes = out.stat().st_size
@@ -155,7 +133,7 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="luna-stack convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=Path, help="checkpoint or LDM unet/ file (.safetensors)")
+    parser.add_argument("source", type=Path, help="checkpoint, unet/ or diffusion_models/ file")
     parser.add_argument("--to", dest="target", required=True, choices=TARGETS)
     parser.add_argument("--out", type=Path, help="output file (default: next to the source)")
     parser.add_argument("--device", default="auto", help="device for the error measurement")

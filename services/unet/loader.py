@@ -1,113 +1,46 @@
-"""Load a UNet from the files ComfyUI users have into diffusers' UNet2DConditionModel.
+"""Load a diffusion model from the files ComfyUI users have, through the architecture that claims it.
 
-Accepted: single-file checkpoints (`model.diffusion_model.*` among VAE/CLIP weights), standalone UNet
-files in the LDM layout (`unet/*.safetensors`, keys `input_blocks.*`), fp8 copies of either, and GGUF
-files in city96's ComfyUI-GGUF convention (LDM keys, optional `model.diffusion_model.` prefix, tensors
-reshaped for quantization carry `comfy.gguf.orig_shape.<key>`). The architecture comes from the keys and
-shapes, so the same code loads a real SDXL file and a small random-weight fixture.
+Accepted: single-file checkpoints (the diffusion model under `model.diffusion_model.`, VAE / text-encoder
+tensors ignored), standalone files (`unet/`, `diffusion_models/`), fp8 copies of either, and GGUF files in
+city96's ComfyUI-GGUF convention (optional `model.diffusion_model.` prefix; tensors reshaped for
+quantization carry `comfy.gguf.orig_shape.<key>`). Which architecture a file holds comes from its keys and
+shapes (arch.py), so the same code loads a real file and a small random-weight fixture.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
 
-from luna_stack.weights.checkpoint import (
-    detect,
-    error_reason,
-    load_shapes,
-    load_state_dict,
-    unet_config_from_state_dict,
-)
-from luna_stack.weights.ldm_layout import unet_ldm_to_diffusers
+from luna_stack.weights.checkpoint import detect, error_reason, load_shapes, load_state_dict
 from luna_stack.wire.errors import ModelLoadError
 
-from .precision import (
-    GGUF_PLAIN_TYPES,
-    QuantizedWeight,
-    compute_dtype,
-    install_gguf_weights,
-    load_weights,
-    resident_bytes,
-)
+from .arch import Architecture, DiffusionModel, Loaded, StateDict
+from .precision import GGUF_PLAIN_TYPES, QuantizedWeight, compute_dtype, resident_bytes
+from .sd_unet import SdUnetArch
 
 LDM_PREFIX = "model.diffusion_model."
 ORIG_SHAPE_FIELD = "comfy.gguf.orig_shape."
 GGUF_MAGIC = b"GGUF"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-UnetStateDict = dict[str, "torch.Tensor | QuantizedWeight"]
+# Tried in order; the first that claims a file's keys builds it.
+ARCHITECTURES: tuple[Architecture, ...] = (SdUnetArch(),)
 
 
-@dataclass
-class LoadedUnet:
-    """A resident UNet and what requests are validated against."""
-
-    name: str
-    path: Path
-    unet: UNet2DConditionModel
-    precision: str  # fp32 / fp16 / bf16 / fp8 / gguf
-    dtype: torch.dtype  # compute dtype
-    device: torch.device
-    nbytes: int
-    load_seconds: float
-    quant_types: dict[str, int] = field(default_factory=dict)  # GGUF: tensor count per type
-    runner: Any = None  # its step runner (step_runner.py): eager, or CUDA graphs where they are on
-
-    @property
-    def config(self) -> Any:
-        return self.unet.config
-
-    @property
-    def family(self) -> str:
-        return "sdxl" if self.adm_channels else "sd15"
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.config.in_channels)
-
-    @property
-    def context_dim(self) -> int:
-        return int(self.config.cross_attention_dim)
-
-    @property
-    def adm_channels(self) -> int | None:
-        """Width of `y` (SDXL: 2816), None for models without a label embedding."""
-        if self.config.class_embed_type != "projection":
-            return None
-        return int(self.config.projection_class_embeddings_input_dim)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "family": self.family,
-            "precision": self.precision,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "bytes": self.nbytes,
-            "load_seconds": round(self.load_seconds, 3),
-            **({"gguf_types": self.quant_types} if self.quant_types else {}),
-        }
+def _prefix(keys: object) -> str:
+    return LDM_PREFIX if any(k.startswith(LDM_PREFIX) for k in keys) else ""  # type: ignore[attr-defined]
 
 
-def read_safetensors_unet(path: Path) -> dict[str, torch.Tensor]:
-    """The UNet tensors of a checkpoint or standalone UNet file, LDM names without the prefix."""
-    unet = detect(load_shapes(path)).require("unet")
-    if unet.layout != "ldm":
-        raise ModelLoadError(
-            f"{path.name} is a diffusers-layout UNet; only the original (LDM) layout is supported",
-            hint="use the single-file checkpoint or an LDM-layout unet/ file",
-        )
-    return load_state_dict(path, prefix=unet.prefix)
+def read_safetensors_model(path: Path) -> dict[str, torch.Tensor]:
+    """The diffusion-model tensors of a checkpoint or standalone file, prefix stripped."""
+    return load_state_dict(path, prefix=_prefix(load_shapes(path)))
 
 
 def _orig_shape(reader: gguf.GGUFReader, name: str) -> torch.Size | None:
@@ -117,12 +50,12 @@ def _orig_shape(reader: gguf.GGUFReader, name: str) -> torch.Size | None:
     return torch.Size(int(fld.parts[i][0]) for i in fld.data)
 
 
-def read_gguf_unet(path: Path) -> tuple[UnetStateDict, str | None]:
-    """GGUF tensors by LDM name (prefix stripped) and the file's `general.architecture`."""
+def read_gguf_model(path: Path) -> tuple[StateDict, str | None]:
+    """GGUF tensors by name (prefix stripped) and the file's `general.architecture`."""
     reader = gguf.GGUFReader(str(path))
     arch_field = reader.get_field("general.architecture")
     arch = str(arch_field.parts[arch_field.data[-1]], encoding="utf-8") if arch_field else None
-    sd: UnetStateDict = {}
+    sd: StateDict = {}
     for t in reader.tensors:
         name = t.name.removeprefix(LDM_PREFIX)
         shape = _orig_shape(reader, t.name) or torch.Size(int(v) for v in reversed(t.shape))
@@ -142,7 +75,7 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def detect_precision(sd: UnetStateDict, requested: str) -> str:
+def detect_precision(sd: StateDict, requested: str) -> str:
     """A GGUF file is 'gguf'; a file stored in fp8 is served as fp8; anything else as requested."""
     values = list(sd.values())
     if any(isinstance(v, QuantizedWeight) for v in values):
@@ -152,58 +85,55 @@ def detect_precision(sd: UnetStateDict, requested: str) -> str:
     return requested
 
 
-def build_unet(
-    sd_ldm: UnetStateDict, precision: str, dtype: torch.dtype, device: torch.device
-) -> UNet2DConditionModel:
-    """The diffusers UNet for an LDM state dict, weights loaded, frozen, in eval mode; `dtype` is the
-    compute dtype (for GGUF, what weights dequantize to)."""
-    try:
-        config = unet_config_from_state_dict(sd_ldm)
-        sd = unet_ldm_to_diffusers(sd_ldm, config)
-    except ModelLoadError:
-        raise
-    except (KeyError, ValueError, IndexError) as exc:
-        raise ModelLoadError(f"not an SD1.5/SDXL UNet: {exc}") from None
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
-    if precision == "gguf":
-        install_gguf_weights(unet, sd, dtype, device)
-    else:
-        load_weights(unet, sd, precision, device)
-    unet.eval().requires_grad_(False)
-    return unet
+def architecture_of(sd: Mapping[str, torch.Tensor | QuantizedWeight], source: str) -> Architecture:
+    """The plug-in that claims these tensors; a clear error naming what the file looks like otherwise."""
+    shapes = {k: torch.Size(v.shape) for k, v in sd.items()}
+    for arch in ARCHITECTURES:
+        if arch.claims(shapes):
+            return arch
+    info = detect({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    unet = info.get("unet")
+    if unet is not None and unet.layout == "diffusers":
+        raise ModelLoadError(
+            f"{source} is a diffusers-layout UNet; only the original layouts are loaded",
+            hint="use the single-file checkpoint or an LDM-layout unet/ file",
+        )
+    kinds = ", ".join(c.kind for c in info.components) or "no known model"
+    raise ModelLoadError(
+        f"{source} holds no diffusion model this service knows (found: {kinds})",
+        hint="SD1.5/SDXL UNets (LDM layout) and Flux / SD3 DiTs are served",
+    )
 
 
-def load_unet(name: str, path: Path, precision: str, device: torch.device) -> LoadedUnet:
-    """Read `path` (safetensors or GGUF) and build the UNet on `device` in `precision` (unless the file
-    fixes it: GGUF weights stay quantized and compute in `precision`'s dtype; fp8 files compute in bf16)."""
-    started = time.monotonic()
-    quant_types: dict[str, int] = {}
+def read_diffusion_state_dict(path: Path) -> StateDict:
+    """A file's diffusion-model tensors (safetensors or GGUF), prefix stripped; corrupt files -> 4xx."""
     try:
         if is_gguf(path):
-            sd, _arch = read_gguf_unet(path)
-            for v in sd.values():
-                kind = v.qtype.name if isinstance(v, QuantizedWeight) else str(v.dtype).removeprefix("torch.")
-                quant_types[kind] = quant_types.get(kind, 0) + 1
-        else:
-            sd = read_safetensors_unet(path)
+            return read_gguf_model(path)[0]
+        return dict(read_safetensors_model(path))
     except ModelLoadError:
         raise
     except Exception as exc:  # safetensors / gguf raise their own types for corrupt files
         raise ModelLoadError(f"cannot read {path.name}: {error_reason(exc)}") from None
+
+
+def load_diffusion_model(name: str, path: Path, precision: str, device: torch.device) -> DiffusionModel:
+    """Read `path` and build its network on `device` in `precision` (unless the file fixes it: GGUF weights
+    stay quantized and compute in `precision`'s dtype; fp8 files compute in bf16)."""
+    started = time.monotonic()
+    sd = read_diffusion_state_dict(path)
+    quant_types: dict[str, int] = {}  # GGUF files: tensors per storage type
+    if any(isinstance(v, QuantizedWeight) for v in sd.values()):
+        for v in sd.values():
+            kind = v.qtype.name if isinstance(v, QuantizedWeight) else str(v.dtype).removeprefix("torch.")
+            quant_types[kind] = quant_types.get(kind, 0) + 1
+    arch = architecture_of(sd, path.name)
     dtype = compute_dtype(precision)
     precision = detect_precision(sd, precision)
     if precision == "fp8":
         dtype = compute_dtype("fp8")
-    unet = build_unet(sd, precision, dtype, device)
-    return LoadedUnet(
-        name=name,
-        path=path,
-        unet=unet,
-        precision=precision,
-        dtype=dtype,
-        device=device,
-        nbytes=resident_bytes(unet),
-        load_seconds=time.monotonic() - started,
-        quant_types=quant_types,
-    )
+    model = arch.build(sd, Loaded(name, path, precision, dtype, device))
+    model.nbytes = resident_bytes(model.module)
+    model.load_seconds = time.monotonic() - started
+    model.quant_types = quant_types
+    return model

@@ -204,7 +204,7 @@ def _find_clips(sd: Mapping[str, Tensor], keys: set[str]) -> list[Component]:
     return found
 
 
-def _unet_family(sd_ldm: Mapping[str, Tensor]) -> Family:
+def unet_family(sd_ldm: Mapping[str, Tensor]) -> Family:
     # SDXL: a label embedding for the pooled/size vector and Linear proj_in; SD1.5: neither.
     proj_in = next((v for k, v in sd_ldm.items() if k.endswith(".proj_in.weight")), None)
     has_label = "label_emb.0.0.weight" in sd_ldm
@@ -231,7 +231,7 @@ def detect(state_dict: Mapping[str, Tensor]) -> CheckpointInfo:
 
     family: Family = "unknown"
     if unet and unet.layout == "ldm":
-        family = _unet_family(component(state_dict, unet.prefix))
+        family = unet_family(component(state_dict, unet.prefix))
     elif any(c.prefix == _CLIP_G_PREFIX for c in components):
         family = "sdxl"
     elif any(c.prefix == _CLIP_L_PREFIXES[0] for c in components):
