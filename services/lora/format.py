@@ -135,10 +135,10 @@ _UNSUPPORTED = {
     "dora_scale": "DoRA",
     "lora_mid": "LoCon Tucker (lora_mid)",
 }
-_PEFT_METADATA_PREFIX: dict[Component, str] = {
-    "unet": "unet",
-    "clip_l": "text_encoder",
-    "clip_g": "text_encoder_2",
+_PEFT_METADATA_PREFIXES: dict[Component, tuple[str, ...]] = {
+    "unet": ("unet", "transformer"),  # diffusers' DiT pipelines call the network transformer
+    "clip_l": ("text_encoder",),
+    "clip_g": ("text_encoder_2",),
 }
 
 
@@ -185,9 +185,12 @@ def _peft_alphas(
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"LoRA metadata 'lora_adapter_metadata' is not JSON: {exc}") from exc
     out: dict[Component, tuple[float | None, dict[str, float]]] = {}
-    for component, prefix in _PEFT_METADATA_PREFIX.items():
-        alpha = config.get(f"{prefix}.lora_alpha")
-        pattern = config.get(f"{prefix}.alpha_pattern") or {}
+    for component, prefixes in _PEFT_METADATA_PREFIXES.items():
+        present = [p for p in prefixes if f"{p}.lora_alpha" in config or f"{p}.alpha_pattern" in config]
+        if not present:
+            continue
+        alpha = config.get(f"{present[0]}.lora_alpha")
+        pattern = config.get(f"{present[0]}.alpha_pattern") or {}
         if alpha is not None or pattern:
             out[component] = (
                 None if alpha is None else float(alpha),

@@ -82,7 +82,9 @@ class QuantizedWeight:
             return None
         row_bytes = width // block_size * type_size
         flat = self.raw.reshape(-1)
-        return QuantizedWeight(flat[start * row_bytes : end * row_bytes], self.qtype, torch.Size((end - start, width)))
+        return QuantizedWeight(
+            flat[start * row_bytes : end * row_bytes], self.qtype, torch.Size((end - start, width))
+        )
 
     @staticmethod
     def concat(parts: list[QuantizedWeight]) -> QuantizedWeight:

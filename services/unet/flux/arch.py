@@ -83,7 +83,9 @@ class FluxModel(DiffusionModel):
         if context.shape[1] > MAX_CONTEXT:
             raise LimitExceeded(f"{context.shape[1]} context tokens exceed Flux's limit of {MAX_CONTEXT}")
         if "y" not in tensors:
-            raise BadRequest(f"Flux model {self.name} needs `y`: the pooled CLIP-L embedding [B,{cfg.pooled_dim}]")
+            raise BadRequest(
+                f"Flux model {self.name} needs `y`: the pooled CLIP-L embedding [B,{cfg.pooled_dim}]"
+            )
         y = require_tensor(tensors, "y", rank=2, dims={0: rows})
         if y.shape[1] != cfg.pooled_dim:
             raise InvalidTensor(
@@ -171,6 +173,19 @@ class FluxModel(DiffusionModel):
     def warm_up_shapes(self, latents: Sequence[tuple[int, int]]) -> list[Hashable]:
         return [FluxShape(h, w) for h, w in (latents or (NATIVE_LATENT,))]
 
+    def example_inputs(self, rows: int, height: int, width: int, seed: int) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        cfg = self.cfg
+        inputs = {
+            "x": torch.randn(rows, self.in_channels, height, width, generator=gen),
+            "timesteps": torch.linspace(1.0, 0.5, rows),
+            "context": torch.randn(rows, NATIVE_CONTEXT, cfg.context_dim, generator=gen),
+            "y": torch.randn(rows, cfg.pooled_dim, generator=gen),
+        }
+        if cfg.guidance:
+            inputs["guidance"] = torch.full((rows,), 3.5)
+        return inputs
+
     def extra_description(self) -> dict[str, Any]:
         cfg = self.cfg
         return {
@@ -184,7 +199,9 @@ class FluxModel(DiffusionModel):
         }
 
 
-def build_module(sd: StateDict, precision: str, dtype: torch.dtype, device: torch.device) -> FluxTransformer2DModel:
+def build_module(
+    sd: StateDict, precision: str, dtype: torch.dtype, device: torch.device
+) -> tuple[FluxConfig, FluxTransformer2DModel]:
     """diffusers' FluxTransformer2DModel for a BFL state dict, weights stored as `precision`, frozen."""
     config = infer_config({k: v.shape for k, v in sd.items()})
     converted = bfl_to_diffusers(sd, config)
@@ -206,7 +223,7 @@ def build_module(sd: StateDict, precision: str, dtype: torch.dtype, device: torc
         raise ModelLoadError(f"Flux tensors do not fit the inferred network: {exc}") from None
     module.eval().requires_grad_(False)
     register_aliases(module, "unet", module_map(config))
-    return module
+    return config, module
 
 
 class FluxArch(Architecture):
@@ -215,9 +232,11 @@ class FluxArch(Architecture):
     def claims(self, keys: Mapping[str, torch.Size]) -> bool:
         return is_flux(keys)
 
+    def gguf_arch(self, keys: Mapping[str, torch.Size]) -> str:
+        return "flux"
+
     def build(self, sd: StateDict, how: Loaded) -> FluxModel:
-        config = infer_config({k: v.shape for k, v in sd.items()})
-        module = build_module(sd, how.precision, how.dtype, how.device)
+        config, module = build_module(sd, how.precision, how.dtype, how.device)
         return FluxModel(
             name=how.name,
             path=how.path,

@@ -171,7 +171,9 @@ def module_map(config: FluxConfig) -> Modules:
                 f"{b}img_mod.lin": _one(f"{d}norm1.linear"),
                 f"{b}txt_mod.lin": _one(f"{d}norm1_context.linear"),
                 f"{b}img_attn.qkv": _split(f"{d}attn.", qkv, (h, h, h)),
-                f"{b}txt_attn.qkv": _split(f"{d}attn.", ("add_q_proj", "add_k_proj", "add_v_proj"), (h, h, h)),
+                f"{b}txt_attn.qkv": _split(
+                    f"{d}attn.", ("add_q_proj", "add_k_proj", "add_v_proj"), (h, h, h)
+                ),
                 f"{b}img_attn.proj": _one(f"{d}attn.to_out.0"),
                 f"{b}txt_attn.proj": _one(f"{d}attn.to_add_out"),
                 f"{b}img_mlp.0": _one(f"{d}ff.net.0.proj"),
@@ -220,7 +222,9 @@ def take_rows(value: Any, rows: tuple[tuple[int, int], ...]) -> tuple[Any, bool]
             return QuantizedWeight.concat(pieces), False  # type: ignore[arg-type]
         value = value.dequantize(torch.float32)
         return torch.cat([value[a:b] for a, b in rows]), True
-    return torch.cat([value[a:b] for a, b in rows]) if len(rows) > 1 else value[rows[0][0] : rows[0][1]], False
+    return torch.cat([value[a:b] for a, b in rows]) if len(rows) > 1 else value[
+        rows[0][0] : rows[0][1]
+    ], False
 
 
 @dataclass
