@@ -167,6 +167,8 @@ def test_models_dir_layout_and_cli_hook(tmp_path: Path, capsys: pytest.CaptureFi
     assert files == [
         "checkpoints/sd15-small.safetensors",
         "clip/clip_l.safetensors",
+        "unet/flux-dev-small.safetensors",
+        "unet/flux-schnell-small.safetensors",
         "unet/sd15-small-unet.safetensors",
         "vae/sd15-small-vae.safetensors",
     ]

@@ -16,7 +16,7 @@ from luna_stack.devtools.fixtures import _build, _file_layout
 from luna_stack.devtools.fixtures_flux import flux_config, flux_part, write_flux_small
 from luna_stack.unet import convert
 from luna_stack.unet.flux.arch import FluxModel, build_module
-from luna_stack.unet.flux.forward import flux_forward, patchify, position_ids, unpatchify
+from luna_stack.unet.flux.forward import patchify, position_ids, unpatchify
 from luna_stack.unet.flux.layout import (
     FLUX1_DEV,
     FLUX1_SCHNELL,

@@ -22,8 +22,8 @@ from luna_stack.weights.checkpoint import detect, error_reason, load_shapes, loa
 from luna_stack.wire.errors import ModelLoadError
 
 from .arch import Architecture, DiffusionModel, Loaded, StateDict
-from .precision import GGUF_PLAIN_TYPES, QuantizedWeight, compute_dtype, resident_bytes
 from .flux.arch import FluxArch
+from .precision import GGUF_PLAIN_TYPES, QuantizedWeight, compute_dtype, resident_bytes
 from .sd_unet import SdUnetArch
 
 LDM_PREFIX = "model.diffusion_model."

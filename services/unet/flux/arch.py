@@ -97,7 +97,8 @@ class FluxModel(DiffusionModel):
         if cfg.guidance:
             if "guidance" not in tensors:
                 raise BadRequest(
-                    f"Flux-dev model {self.name} needs `guidance` [B] (ComfyUI's FluxGuidance, 3.5 by default)"
+                    f"Flux-dev model {self.name} needs `guidance` [B]",
+                    hint="ComfyUI's FluxGuidance value, 3.5 by default",
                 )
             inputs["guidance"] = require_tensor(tensors, "guidance", rank=1, dims={0: rows})
         elif "guidance" in tensors:
