@@ -88,7 +88,7 @@ async def test_mixed_resolutions_batch_per_shape_and_equal_their_solo_results(se
     finally:
         for c in clients:
             await c.close()
-    for (inputs, _), (solo, solo_params), (out, params) in zip(requests, alone, together, strict=True):
+    for (inputs, _), (solo, solo_params), (out, _) in zip(requests, alone, together, strict=True):
         assert solo_params["batch_rows"] == 2
         assert torch.equal(solo["out"], reference(refs[DEV], inputs))
         torch.testing.assert_close(out["out"], solo["out"], rtol=1e-5, atol=1e-5)

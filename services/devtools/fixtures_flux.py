@@ -109,7 +109,7 @@ def write_flux_lora(
     shapes: Mapping[str, tuple[int, int]],
     fmt: LoraFormat,
     rank: int = 4,
-    alpha: float = 2.0,
+    alpha: float | None = 2.0,
     seed: int = 0,
 ) -> dict[str, LoraFactors]:
     """A random LoRA over `shapes` (module path -> Linear weight [out, in]: BFL paths for kohya / bfl,
@@ -118,7 +118,7 @@ def write_flux_lora(
     kohya: `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` + `.alpha` (what kohya's sd-scripts
     write for Flux); bfl: `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`; peft (diffusers'
     FluxPipeline.save_lora_weights): `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`, alpha
-    in the PEFT metadata."""
+    in the PEFT metadata. alpha=None: no alpha in the file (readers take alpha = rank)."""
     prefix, down_suffix, up_suffix, sep = _LORA_KEYS[fmt]
     gen = torch.Generator().manual_seed(seed)
     truth: dict[str, LoraFactors] = {}
