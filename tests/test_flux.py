@@ -13,9 +13,14 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
 from luna_stack.devtools.fixtures import _build, _file_layout
-from luna_stack.devtools.fixtures_flux import flux_config, flux_part, write_flux_small
+from luna_stack.devtools.fixtures_flux import flux_config, flux_part, write_flux_lora, write_flux_small
+from luna_stack.gpu.graph_config import GraphConfig
+from luna_stack.lora import attach_side_paths
+from luna_stack.lora.cache import LoraCache
+from luna_stack.lora.resolve import adaptable_modules
+from luna_stack.lora.side import row_groups
 from luna_stack.unet import convert
-from luna_stack.unet.flux.arch import FluxModel, build_module
+from luna_stack.unet.flux.arch import FluxModel, FluxShape, build_module
 from luna_stack.unet.flux.forward import patchify, position_ids, unpatchify
 from luna_stack.unet.flux.layout import (
     FLUX1_DEV,
@@ -24,10 +29,12 @@ from luna_stack.unet.flux.layout import (
     diffusers_to_bfl,
     infer_config,
     is_flux,
+    module_map,
     take_rows,
 )
 from luna_stack.unet.loader import load_diffusion_model
 from luna_stack.unet.precision import QuantizedWeight
+from luna_stack.unet.step_runner import build_runner
 from luna_stack.wire.errors import BadRequest, LunaError
 
 CPU = torch.device("cpu")
@@ -56,6 +63,61 @@ def run(model: FluxModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     step = model.parse_step(inputs, {})
     with torch.inference_mode():
         return model.forward(step.shape, step.tensors).float()
+
+
+def flux_loras(model: FluxModel, folder: Path) -> tuple:
+    """a: kohya over every BFL Linear (fused qkv / linear1 too), b: diffusers-PEFT over every Linear."""
+    cache = LoraCache(1 << 30, model.device, model.dtype)
+    modules = adaptable_modules(model.module)
+    bfl = {
+        name: (
+            max((b for p in parts for _, b in p.rows), default=modules[parts[0].module].out_features),
+            modules[parts[0].module].in_features,
+        )
+        for name, parts in module_map(model.cfg).items()
+    }
+    diffusers = {n: (m.out_features, m.in_features) for n, m in modules.items()}
+    write_flux_lora(folder / "a.safetensors", bfl, "kohya", rank=4, seed=1)
+    write_flux_lora(folder / "b.safetensors", diffusers, "peft", rank=8, seed=2)
+    return tuple(cache.resolve(folder / f"{n}.safetensors", model.module, "unet") for n in "ab")
+
+
+def flux_requests(model: FluxModel, shape: FluxShape, stacks: list, seed: int) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    requests = []
+    for i, stack in enumerate(stacks):
+        inputs = step_inputs(
+            model, rows=1, h=shape.height, w=shape.width, tokens=shape.context, seed=seed + i
+        )
+        for slot, tokens in shape.control:
+            inputs[f"control.{slot}"] = torch.randn(1, tokens, model.cfg.hidden, generator=gen)
+        requests.append((model.parse_step(inputs, {}), tuple(stack)))
+    return requests
+
+
+def eager_flux(model: FluxModel, shape: FluxShape, requests: list) -> torch.Tensor:
+    parts = {n: torch.cat([r[0].tensors[n] for r in requests]) for n in requests[0][0].tensors}
+    plan = row_groups([(1, r[1]) for r in requests])
+    with torch.inference_mode(), attach_side_paths(model.module).plan(plan):
+        return model.forward(shape, parts)
+
+
+def test_runner_buffers_and_lora_bank_equal_eager(files, tmp_path) -> None:
+    """The step runner with graphs on (on the CPU: static buffers, padded buckets, the LoRA bank, not
+    captured) equals the eager forward with the stacks through the row plan."""
+    model = load_diffusion_model("f", files["flux_dev"], "fp32", CPU)
+    a, b = flux_loras(model, tmp_path)
+    runner = build_runner(model, GraphConfig(True, (1, 2, 4), True, 4, 2, 8))
+    shape = FluxShape(10, 12, 7, (("input.1", 30), ("output.0", 20)))
+    cycle = [((a, 0.8),), (), ((a, 0.5), (b, -1.0)), ((b, 1.2),)]
+    for rows in (1, 3, 4):
+        requests = flux_requests(model, shape, [cycle[i % 4] for i in range(rows)], 10 * rows)
+        parts = {n: [r[0].tensors[n] for r in requests] for n in requests[0][0].tensors}
+        out = runner.run(shape, parts, [(1, r[1]) for r in requests]).clone()
+        torch.testing.assert_close(out, eager_flux(model, shape, requests), rtol=1e-5, atol=1e-5)
+    moved = eager_flux(model, shape, [(r[0], ()) for r in requests])
+    assert (moved[0] - out[0]).abs().max() > 1e-2  # row 0's adapter is really applied
+    assert runner.eager == {}
 
 
 def test_configs_come_from_keys_and_shapes(files) -> None:
@@ -156,13 +218,19 @@ def test_fp8_files_stay_fp8_resident_and_stay_close(files, tmp_path) -> None:
     assert load_file(out)["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float8_e4m3fn
     model = load_diffusion_model("f8", out, "fp32", CPU)
     assert (model.precision, model.dtype) == ("fp8", torch.bfloat16)
-    assert model.module.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    for module in (
+        model.module.transformer_blocks[0].attn.to_q,
+        model.module.transformer_blocks[1].norm1.linear,
+    ):
+        assert module.weight.dtype == torch.float8_e4m3fn  # modulations too, as ComfyUI keeps them
+    assert model.module.transformer_blocks[0].attn.norm_q.weight.dtype == torch.bfloat16
     reference = load_diffusion_model("bf", source, "bf16", CPU)
-    assert model.nbytes < 0.75 * reference.nbytes
+    assert model.nbytes < 0.55 * reference.nbytes
     inputs = step_inputs(model, seed=5)
     expected, got = run(reference, inputs), run(model, inputs)
     rel = float((got - expected).abs().max() / expected.abs().max())
-    assert 0 < rel < 0.08, rel  # e4m3 keeps 3 mantissa bits
+    print(f"fp8: relative error {rel:.2e}")
+    assert 0 < rel < 0.1, rel  # e4m3 keeps 3 mantissa bits
 
 
 # max |error| / max |output| vs the source in fp32; BF16 of a bf16 file is exact.

@@ -31,7 +31,10 @@ Tensor = torch.Tensor
 MAX_CONTEXT = 1024  # text tokens a step may carry (ComfyUI pads T5 to 256; long prompts reach ~512)
 NATIVE_LATENT = (128, 128)  # 1024² images
 NATIVE_CONTEXT = 256
-_CONTROL_KINDS = ("input", "output")  # after double block i / after single block i
+_CONTROL_KINDS = ("input", "output")
+# fp8: every Linear stays e4m3 (modulations and projections too, as ComfyUI keeps fp8 Flux files);
+# diffusers' default skip list would hold the modulations, a quarter of Flux, in bf16.
+FP8_SKIP = ("pos_embed",)  # after double block i / after single block i
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def build_module(
         if precision == "gguf":
             install_gguf_weights(module, converted.state_dict, dtype, device)
         else:
-            load_weights(module, converted.state_dict, precision, device)
+            load_weights(module, converted.state_dict, precision, device, fp8_skip=FP8_SKIP)
     except (RuntimeError, ValueError) as exc:  # a missing tensor or a shape the config does not predict
         raise ModelLoadError(f"Flux tensors do not fit the inferred network: {exc}") from None
     module.eval().requires_grad_(False)
