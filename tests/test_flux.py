@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 
-from luna_stack.devtools.fixtures import _build, _file_layout
+from luna_stack.devtools.fixtures import _build, _file_layout, _vae_part, _write
 from luna_stack.devtools.fixtures_flux import flux_config, flux_part, write_flux_lora, write_flux_small
 from luna_stack.gpu.graph_config import GraphConfig
 from luna_stack.lora import attach_side_paths
@@ -135,6 +135,22 @@ def test_configs_come_from_keys_and_shapes(files) -> None:
         assert shapes["single_blocks.37.linear1.weight"] == (21504, 3072)
         assert ("guidance_in.in_layer.weight" in shapes) == (variant == "dev")
         assert len(shapes) == (780 if variant == "dev" else 776)
+
+
+def test_all_in_one_checkpoints_load_their_diffusion_model(files, tmp_path) -> None:
+    """A checkpoints/ file with the DiT under `model.diffusion_model.` beside a VAE loads the same
+    network as the standalone file."""
+    path = _write(
+        tmp_path / "flux-dev-aio.safetensors",
+        [flux_part("dev", "small", 0, "model.diffusion_model."), _vae_part("small", 0, "vae.")],
+        torch.bfloat16,
+        {},
+    )
+    aio = load_diffusion_model("aio", path, "fp32", CPU)
+    alone = load_diffusion_model("alone", files["flux_dev"], "fp32", CPU)
+    assert aio.family == "flux" and aio.cfg == alone.cfg
+    inputs = step_inputs(alone, seed=9)
+    assert torch.equal(run(aio, inputs), run(alone, inputs))
 
 
 def test_the_bfl_map_round_trips_and_swaps_the_final_modulation(files) -> None:
