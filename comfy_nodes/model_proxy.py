@@ -1,5 +1,6 @@
-"""MODEL for a UNet the stack serves: a real comfy ModelPatcher and BaseModel (sampling, conditioning,
-model_sampling all stay ComfyUI's own), whose diffusion_model forwards each call to the UNet service.
+"""MODEL for a diffusion model the stack serves: a real comfy ModelPatcher and BaseModel of ComfyUI's own
+class for the family (sampling, conditioning, model_sampling — Flux's and SD3's flow-matching shift,
+FluxGuidance — all stay ComfyUI's), whose diffusion_model forwards each call to the unet service.
 
 Imported lazily: this module needs ComfyUI.
 """
@@ -17,17 +18,30 @@ from .errors import LunaStackPatchError, check_remote_safe
 from .lora_stack import add_to_options, stack_in
 from .remote import Services
 
-_CONFIGS = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}
+# The unet service's family (and, for Flux, whether the model embeds guidance) -> ComfyUI's model config.
+_CONFIGS = {
+    "sd15": comfy.supported_models.SD15,
+    "sdxl": comfy.supported_models.SDXL,
+    "flux": comfy.supported_models.Flux,
+    "flux-schnell": comfy.supported_models.FluxSchnell,
+    "sd3": comfy.supported_models.SD3,
+}
+_LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16, "flux-schnell": 16, "sd3": 16}
 
 
 class RemoteDiffusionModel(torch.nn.Module):
-    """Takes ComfyUI's diffusion_model(x, timesteps, context, y, control, transformer_options) call."""
+    """Takes ComfyUI's diffusion_model(x, timesteps, context, y, [guidance,] control, transformer_options)
+    call (Flux's BaseModel sends guidance; a model without a guidance embedding ignores it, as ComfyUI's
+    own Flux does)."""
 
-    def __init__(self, services: Services, model: str, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, services: Services, model: str, dtype: torch.dtype = torch.float32, guidance_embed: bool = False
+    ):
         super().__init__()
         self.services = services
         self.model_name = model
         self._dtype = dtype
+        self.guidance_embed = guidance_embed
 
     @property
     def dtype(self) -> torch.dtype:
@@ -41,6 +55,7 @@ class RemoteDiffusionModel(torch.nn.Module):
         y: torch.Tensor | None = None,
         control: dict | None = None,
         transformer_options: dict | None = None,
+        guidance: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         options = transformer_options or {}
@@ -48,20 +63,36 @@ class RemoteDiffusionModel(torch.nn.Module):
         extra = sorted(k for k, v in kwargs.items() if v is not None)
         if extra:
             raise LunaStackPatchError(
-                f"the shared UNet takes x, timesteps, context, y and control; got {extra}"
+                f"the shared model takes x, timesteps, context, y, guidance and control; got {extra}"
             )
-        out = self.services.unet_step(self.model_name, x, timesteps, context, y, control, stack_in(options))
+        if not self.guidance_embed:
+            guidance = None
+        out = self.services.unet_step(
+            self.model_name, x, timesteps, context, y, control, stack_in(options), guidance
+        )
         return out.to(device=x.device, dtype=x.dtype)
 
 
-def remote_model(services: Services, model: str, family: str) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher over a BaseModel of ComfyUI's own class for the family, with a remote UNet."""
-    unet = {**_CONFIGS[family].unet_config, "in_channels": 4, "out_channels": 4}
+def comfy_family(info: dict[str, Any]) -> str:
+    """The config key for what the unet service says about a model (GET /v1/unet/load's reply)."""
+    family = info["family"]
+    if family == "flux" and not info.get("guidance_embed", True):
+        return "flux-schnell"
+    return family
+
+
+def remote_model(services: Services, model: str, info: dict[str, Any]) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher over a BaseModel of ComfyUI's own class for the family, with a remote network."""
+    family = comfy_family(info)
+    if family not in _CONFIGS:
+        raise LunaStackPatchError(f"the shared model {model!r} is {family}, which this pack cannot drive")
+    channels = _LATENT_CHANNELS[family]
+    unet = {**_CONFIGS[family].unet_config, "in_channels": channels, "out_channels": channels}
     config = _CONFIGS[family]({**unet, "disable_unet_model_creation": True})
     config.set_inference_dtype(torch.float32, None)
     device = comfy.model_management.get_torch_device()
     base = config.get_model({}, device=device)
-    base.diffusion_model = RemoteDiffusionModel(services, model)
+    base.diffusion_model = RemoteDiffusionModel(services, model, guidance_embed=family == "flux")
     base.memory_required = lambda input_shape, cond_shapes=None: 0  # the memory is the service's
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 

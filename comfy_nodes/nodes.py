@@ -87,7 +87,7 @@ def _clip_proxy(svc: Services, model: str, family: str | None = None) -> Any:
 def _model_proxy(svc: Services, model: str) -> Any:
     from .model_proxy import remote_model
 
-    return remote_model(svc, model, svc.unet_load(model)["family"])
+    return remote_model(svc, model, svc.unet_load(model))
 
 
 # -- loaders (proxies for ComfyUI's standard nodes) ----------------------------------------------------------

@@ -241,10 +241,13 @@ class Services:
         y: torch.Tensor | None = None,
         control: Mapping[str, Any] | None = None,
         lora: LoraStack = LoraStack(),
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tensors: dict[str, torch.Tensor] = {"x": x, "timesteps": timesteps, "context": context}
         if y is not None:
             tensors["y"] = y
+        if guidance is not None:
+            tensors["guidance"] = guidance
         control_tensors, lengths = control_to_wire(control)
         tensors.update(control_tensors)
         params: dict[str, Any] = {"model": model, "lora": lora.to_wire()}

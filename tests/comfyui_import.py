@@ -8,7 +8,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -107,8 +107,8 @@ def _import_torchvision() -> bool:
     return True
 
 
-def import_comfyui(path: str) -> Any:
-    """ComfyUI headless on the CPU: --cpu parsed before comfy.cli_args is imported."""
+def import_comfyui(path: str, flags: Sequence[str] = ("--cpu",)) -> Any:
+    """ComfyUI headless (on the CPU by default): its flags parsed before comfy.cli_args is imported."""
     if path not in sys.path:
         sys.path.insert(0, path)
     try:
@@ -116,7 +116,7 @@ def import_comfyui(path: str) -> Any:
             import comfy.options
 
             comfy.options.enable_args_parsing()
-            argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+            argv, sys.argv = sys.argv, [sys.argv[0], *flags]
             try:
                 import comfy.cli_args
             finally:

@@ -289,7 +289,8 @@ def test_sampler_custom_errors_on_proxy_are_readable(comfy: ComfyRuntime) -> Non
     proxy = sys.modules[type(model.model.diffusion_model).__module__]  # the pack's model_proxy module
     remote = sys.modules[proxy.Services.__module__]
     dead = remote.PackSettings({"clip": None, "vae": None, "unet": "http://127.0.0.1:9"}, None, None)
-    unreachable = proxy.remote_model(services := proxy.Services(dead), f"checkpoints/{CKPT}", "sd15")
+    services = proxy.Services(dead)
+    unreachable = proxy.remote_model(services, f"checkpoints/{CKPT}", {"family": "sd15"})
     sigmas = samplers.calculate_sigmas(unreachable.get_model_object("model_sampling"), "karras", 2)
     latent = torch.zeros(1, 4, 8, 8)
     with pytest.raises(Exception, match=r"UNET service is not reachable at http://127\.0\.0\.1:9") as info:

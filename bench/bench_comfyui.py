@@ -1,0 +1,334 @@
+"""The benchmark users care about: N real ComfyUI processes as clients, once holding their own models
+(ComfyUI's loaders) and once through the stack (the pack's shared loaders), next to the GPU floor.
+
+Every client is a ComfyUI process (bench/comfyui_client.py: headless, ComfyUI's execution engine and
+model management, a ComfyUI checkout given by path — never vendored) running one example workflow of
+examples/. For the local side the pack's loaders are swapped for ComfyUI's own (LunaStackUNetLoader ->
+UNETLoader, ...), everything else stays the same prompt. All clients make their first image, then begin
+their timed images together; images/min counts the timed images of all clients over the time from the
+common start to the last image. GPU memory is NVML's used memory (all processes) sampled during the
+timed images, its peak reported.
+
+The floor is measured in the same run, after the clients: the stack's own diffusion model replaying a
+captured CUDA graph of the batch the N clients form (their rows together), times the steps, plus one VAE
+decode per image.
+
+Parity: the first image of client 0 is saved in both modes (same seed); the report gives their
+difference (the same weights through ComfyUI's modules and through the stack's).
+
+    python -m bench.bench_comfyui --comfyui ~/ComfyUI --workflow examples/flux_dev_shared_txt2img.json \
+        --models /models --clients 1,4 --local 1 --images 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from luna_stack.gpu.nvml import nvml_status
+
+from .common import print_table, service_process, sync, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+# The pack's loaders -> ComfyUI's own, with the inputs ComfyUI's take besides the pack's.
+LOCAL_LOADERS = {
+    "LunaStackUNetLoader": ("UNETLoader", {"weight_dtype": "default"}),
+    "LunaStackCLIPLoader": ("DualCLIPLoader", {}),
+    "LunaStackTripleCLIPLoader": ("TripleCLIPLoader", {}),
+    "LunaStackVAELoader": ("VAELoader", {}),
+    "LunaStackCheckpointLoader": ("CheckpointLoaderSimple", {}),
+}
+# Which services serve a loader's files: (kind, folder, the inputs naming the files).
+SERVED = {
+    "LunaStackUNetLoader": [("unet", "unet", ("unet_name",))],
+    "LunaStackCLIPLoader": [("clip", "clip", ("clip_name1", "clip_name2"))],
+    "LunaStackTripleCLIPLoader": [("clip", "clip", ("clip_name1", "clip_name2", "clip_name3"))],
+    "LunaStackVAELoader": [("vae", "vae", ("vae_name",))],
+    "LunaStackCheckpointLoader": [(kind, "checkpoints", ("ckpt_name",)) for kind in ("unet", "clip", "vae")],
+}
+
+
+@dataclass
+class Workflow:
+    prompt: dict[str, Any]
+    steps: int
+    width: int
+    height: int
+    rows_per_image: int  # cfg 1 runs the positive only; any other cfg a cond + uncond pair
+    preload: dict[str, str] = field(default_factory=dict)  # service kind -> model name
+
+    @classmethod
+    def read(cls, path: Path, size: int | None, steps: int | None) -> Workflow:
+        prompt = json.loads(path.read_text())
+        sampler = next(n for n in prompt.values() if n["class_type"].startswith("KSampler"))
+        for node in prompt.values():
+            inputs = node["inputs"]
+            if size is not None and {"width", "height"} <= set(inputs):
+                inputs["width"] = inputs["height"] = size
+        if steps is not None:
+            sampler["inputs"]["steps"] = steps
+        latent = next(n for n in prompt.values() if "batch_size" in n["inputs"])["inputs"]
+        preload = {}
+        for node in prompt.values():
+            for kind, folder, keys in SERVED.get(node["class_type"], []):
+                files = [node["inputs"].get(k, "none") for k in keys]
+                preload[kind] = "+".join(f"{folder}/{f}" for f in files if f != "none")
+        return cls(
+            prompt,
+            sampler["inputs"]["steps"],
+            latent["width"],
+            latent["height"],
+            1 if float(sampler["inputs"]["cfg"]) == 1.0 else 2,
+            preload,
+        )
+
+    def local(self) -> dict[str, Any]:
+        """The same prompt with ComfyUI's own loaders."""
+        out = json.loads(json.dumps(self.prompt))
+        for node in out.values():
+            if node["class_type"] in LOCAL_LOADERS:
+                node["class_type"], extra = LOCAL_LOADERS[node["class_type"]]
+                node["inputs"].update(extra)
+        return out
+
+
+class MemorySampler:
+    """NVML's used memory of every GPU, summed, sampled every 0.2 s while running; the peak in GiB."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            used = sum(g["memory_used_bytes"] for g in nvml_status()["gpus"])
+            self.peak = max(self.peak, used)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
+
+
+def run_clients(
+    args: argparse.Namespace, prompt: dict[str, Any], n: int, pack: bool, env: dict[str, str], tag: str
+) -> dict[str, Any]:
+    """N ComfyUI processes: first images, then the timed images begun together."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
+    workflow = work / "workflow.json"
+    workflow.write_text(json.dumps(prompt))
+    start = work / "start"
+    procs = []
+    for i in range(n):
+        cmd = [
+            args.comfyui_python,
+            str(ROOT / "bench" / "comfyui_client.py"),
+            "--comfyui",
+            args.comfyui,
+            "--models",
+            str(args.models),
+            "--workflow",
+            str(workflow),
+            "--images",
+            str(args.images),
+            "--start-file",
+            str(start),
+            "--ready-file",
+            str(work / f"ready{i}"),
+            "--out",
+            str(work / f"out{i}.json"),
+            *(["--pack"] if pack else []),
+            *(["--save-first", str(work / "first.safetensors")] if i == 0 else []),
+            *[f"--comfy-arg={a}" for a in args.comfy_arg],
+        ]
+        log = (work / f"log{i}.txt").open("w")
+        procs.append(subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + args.timeout_s
+    while not all((work / f"ready{i}").exists() for i in range(n)):
+        failed = [i for i, p in enumerate(procs) if p.poll() is not None]
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            logs = "\n".join((work / f"log{i}.txt").read_text()[-3000:] for i in failed or range(n))
+            raise SystemExit(
+                f"{tag}: ComfyUI clients {failed or 'timed out'} before their first image:\n{logs}"
+            )
+        time.sleep(0.05)
+    with MemorySampler() as memory:
+        began = time.time()
+        start.write_text("go")
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    reports = []
+    for i, p in enumerate(procs):
+        if p.returncode != 0:
+            raise SystemExit(f"{tag}: client {i} failed:\n{(work / f'log{i}.txt').read_text()[-3000:]}")
+        reports.append(json.loads((work / f"out{i}.json").read_text()))
+    ends = [t for r in reports for t in r["image_ends"]]
+    deltas = [b - a for r in reports for a, b in zip(r["step_times"], r["step_times"][1:], strict=False)]
+    return {
+        "clients": n,
+        "images": len(ends),
+        "images_per_min": 60 * len(ends) / (max(ends) - began),
+        "step_ms": statistics.median(deltas) * 1000 if deltas else None,
+        "first_image_s": statistics.median(r["first_image_s"] for r in reports),
+        "gpu_memory_gib": memory.gib,
+        "first": load_file(str(work / "first.safetensors"))["image"],
+    }
+
+
+@contextlib.contextmanager
+def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[dict[str, str]]:
+    """The clip, vae and unet services as processes, each with the workflow's models preloaded."""
+    env = {
+        "LUNA_MODEL_ROOTS": str(args.models),
+        "LUNA_DEVICE": str(_device()),
+        "LUNA_DTYPE": args.dtype,
+        **{f"LUNA_{kind.upper()}_PRELOAD": name for kind, name in workflow.preload.items()},
+    }
+    with contextlib.ExitStack() as services:
+        urls = {kind: services.enter_context(service_process(kind, env)) for kind in ("clip", "vae", "unet")}
+        yield {f"LUNA_{kind.upper()}_URL": url for kind, url in urls.items()}
+
+
+def floor_step_ms(args: argparse.Namespace, workflow: Workflow, clients: int) -> float:
+    """One step of the batch `clients` form, replaying a captured graph of the stack's own model."""
+    from luna_stack.gpu.graph_config import GraphConfig
+    from luna_stack.unet.loader import load_diffusion_model
+    from luna_stack.unet.step_runner import build_runner
+
+    device = _device()
+    name = workflow.preload["unet"]
+    model = load_diffusion_model(name, args.models / name, args.precision, device)
+    rows = clients * workflow.rows_per_image
+    config = GraphConfig(enabled=True, buckets=(rows,), lazy=True, max_shapes=1, lora_slots=0, lora_rank=0)
+    runner = build_runner(model, config, graphs=True)
+    inputs = model.example_inputs(rows, workflow.height // 8, workflow.width // 8, seed=0)
+    inputs["context"] = torch.randn(rows, args.context_tokens, inputs["context"].shape[2])
+    step = model.parse_step({k: v.to(device, model.dtype) for k, v in inputs.items()}, {})
+    parts = {k: [v] for k, v in step.tensors.items()}
+    return _cuda_ms(lambda: runner.run(step.shape, parts, [(rows, ())]))
+
+
+def floor(args: argparse.Namespace, workflow: Workflow, clients: int) -> dict[str, float]:
+    """Graph replay of the batch `clients` form, per step, and one VAE decode, on the stack's own models."""
+    from luna_stack.vae.model import load_vae
+
+    step_ms = floor_step_ms(args, workflow, clients)
+    device = _device()
+    name = workflow.preload["vae"]
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    vae = load_vae(name, args.models / name, device, dtype)
+    latent = torch.randn(1, vae.latent_channels, workflow.height // 8, workflow.width // 8, device=device)
+    decode_ms = _cuda_ms(lambda: vae.decode(latent))
+    per_image_s = (workflow.steps * step_ms / clients + decode_ms) / 1000
+    return {"floor_step_ms": step_ms, "floor_decode_ms": decode_ms, "floor_images_per_min": 60 / per_image_s}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke run
+
+
+def _cuda_ms(fn: Any, repeats: int = 10) -> float:
+    device = _device()
+    with torch.inference_mode():
+        for _ in range(3):
+            fn()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", required=True, help="a ComfyUI checkout (its code is run, never copied)")
+    parser.add_argument(
+        "--comfyui-python", default=sys.executable, help="a Python with ComfyUI's requirements"
+    )
+    parser.add_argument("--workflow", type=Path, required=True, help="one of examples/*_shared_*.json")
+    parser.add_argument("--models", type=Path, required=True, help="models dir holding the workflow's files")
+    parser.add_argument("--clients", default="1,4", help="stack client counts, e.g. 1,4")
+    parser.add_argument("--local", default="1", help="ComfyUI-holds-its-own-models client counts ('' = none)")
+    parser.add_argument("--images", type=int, default=3, help="timed images per client")
+    parser.add_argument("--size", type=int, help="override the workflow's image size")
+    parser.add_argument("--steps", type=int, help="override the workflow's steps")
+    parser.add_argument("--dtype", default="bf16", help="the services' dtype (LUNA_DTYPE)")
+    parser.add_argument("--precision", default="bf16", help="the floor model's precision")
+    parser.add_argument("--context-tokens", type=int, default=256, help="the floor's context length")
+    parser.add_argument("--comfy-arg", action="append", default=[], help="flags for the ComfyUI clients")
+    parser.add_argument("--timeout-s", type=float, default=540)
+    parser.add_argument("--name", default=None, help="result name (default comfyui_<workflow stem>)")
+    args = parser.parse_args()
+    workflow = Workflow.read(args.workflow, args.size, args.steps)
+    rows: list[dict[str, Any]] = []
+    firsts: dict[str, torch.Tensor] = {}
+    for n in [int(c) for c in args.local.split(",") if c]:
+        result = run_clients(args, workflow.local(), n, pack=False, env={}, tag=f"local{n}")
+        firsts.setdefault("local", result.pop("first"))
+        rows.append({"mode": "comfyui_own_models", **result})
+    with stack(args, workflow) as urls:
+        for n in [int(c) for c in args.clients.split(",") if c]:
+            result = run_clients(args, workflow.prompt, n, pack=True, env=urls, tag=f"stack{n}")
+            firsts.setdefault("stack", result.pop("first"))
+            rows.append({"mode": "luna_stack", **result})
+    floors = {n: floor(args, workflow, n) for n in sorted({r["clients"] for r in rows})}
+    for row in rows:
+        row.update(floors[row["clients"]])
+        row["vs_floor"] = row["images_per_min"] / row["floor_images_per_min"]
+        own = next(
+            (r for r in rows if r["mode"] == "comfyui_own_models" and r["clients"] == row["clients"]), None
+        )
+        row["vs_comfyui"] = row["images_per_min"] / own["images_per_min"] if own else None
+    meta: dict[str, Any] = {
+        "workflow": args.workflow.name,
+        "size": f"{workflow.width}x{workflow.height}",
+        "steps": workflow.steps,
+        "rows_per_image": workflow.rows_per_image,
+        "images_per_client": args.images,
+    }
+    if {"local", "stack"} <= set(firsts):
+        a, b = firsts["local"], firsts["stack"]
+        meta["parity_first_image"] = {
+            "max_abs": float((a - b).abs().max()),
+            "mean_abs": float((a - b).abs().mean()),
+            "psnr_db": float(10 * torch.log10(1 / (a - b).pow(2).mean().clamp_min(1e-12))),
+        }
+    print(json.dumps(meta, indent=2))
+    columns = ["mode", "clients", "images_per_min", "step_ms", "first_image_s", "gpu_memory_gib"]
+    print_table(rows, [*columns, "floor_images_per_min", "vs_floor", "vs_comfyui"])
+    small = _device().type == "cpu"
+    path = write_results(args.name or f"comfyui_{args.workflow.stem}", small, meta, rows, str(_device()))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
