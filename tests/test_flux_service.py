@@ -70,7 +70,7 @@ async def test_steps_equal_the_model_in_process(service, refs) -> None:
         assert out["out"].dtype == torch.float16 and out["out"].shape == inputs["x"].shape
         models = await client.get_json("/v1/unet/models")
     described = {m["name"]: m for m in models["loaded"]}
-    assert described[DEV]["guidance"] is True and described[SCHNELL]["variant"] == "schnell"
+    assert described[DEV]["guidance_embed"] is True and described[SCHNELL]["variant"] == "schnell"
     assert described[DEV]["family"] == "flux" and described[DEV]["precision"] == "fp32"  # CPU: as unet's
 
 

@@ -194,7 +194,7 @@ class FluxModel(DiffusionModel):
         cfg = self.cfg
         return {
             "variant": "dev" if cfg.guidance else "schnell",
-            "guidance": cfg.guidance,
+            "guidance_embed": cfg.guidance,
             "hidden_size": cfg.hidden,
             "double_blocks": cfg.depth,
             "single_blocks": cfg.depth_single,
