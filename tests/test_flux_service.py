@@ -203,3 +203,29 @@ async def test_bad_flux_steps_are_4xx(service, refs) -> None:
             assert 400 <= info.value.status < 500, f"{what}: {info.value.status} {info.value}"
         out, _ = await client.call("step", dev, {"model": DEV})
         assert torch.equal(out["out"], reference(refs[DEV], dev))
+
+
+async def test_flux_precision_is_its_own_setting(models_dir, start_service) -> None:
+    """unet.flux_precision=bf16 serves Flux in bf16 beside SD models in the core dtype (auto: bf16 on CUDA
+    only; tests/test_flux_gpu.py checks that default)."""
+    settings = make_settings(models_dir, LUNA_UNET_FLUX_PRECISION="bf16")
+    service = start_service(build, settings)
+    bf16 = load_diffusion_model(DEV, models_dir / DEV, "bf16", CPU)
+    inputs = step_inputs(bf16, seed=60)
+    async with AsyncClient("unet", url=service.url) as client:
+        out, _ = await client.call("step", inputs, {"model": DEV})
+        await client.call("step", sd15_inputs(), {"model": "checkpoints/sd15-small.safetensors"})
+        models = await client.get_json("/v1/unet/models")
+    precisions = {m["name"]: m["precision"] for m in models["loaded"]}
+    assert precisions == {DEV: "bf16", "checkpoints/sd15-small.safetensors": "fp32"}
+    assert out["out"].dtype == torch.float32  # x's dtype
+    assert torch.equal(out["out"], reference(bf16, inputs).float())
+
+
+def sd15_inputs() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(61)
+    return {
+        "x": torch.randn(1, 4, 8, 8, generator=gen),
+        "timesteps": torch.tensor([500.0]),
+        "context": torch.randn(1, 77, 32, generator=gen),
+    }
