@@ -84,10 +84,17 @@ async def test_mixed_resolutions_batch_per_shape_and_equal_their_solo_results(se
     clients = [AsyncClient("unet", url=service.url, name=f"c{i}") for i in range(len(requests))]
     try:
         alone = [await c.call("step", *r) for c, r in zip(clients, requests, strict=True)]
-        together = await asyncio.gather(*(c.call("step", *r) for c, r in zip(clients, requests, strict=True)))
+        rounds = []
+        for _ in range(3):  # a loaded CI machine may deliver a round too spread out to merge: retry
+            rounds.append(
+                await asyncio.gather(*(c.call("step", *r) for c, r in zip(clients, requests, strict=True)))
+            )
+            if max(params["batch_rows"] for _, params in rounds[-1]) >= 4:
+                break
     finally:
         for c in clients:
             await c.close()
+    together = rounds[-1]
     for (inputs, _), (solo, solo_params), (out, _) in zip(requests, alone, together, strict=True):
         assert solo_params["batch_rows"] == 2
         assert torch.equal(solo["out"], reference(refs[DEV], inputs))
@@ -165,10 +172,13 @@ async def test_lora_equals_a_privately_merged_copy_and_leaves_the_shared_weights
         kohya = [{"name": "flux-kohya.safetensors", "strength": 0.8}]
         async with AsyncClient("unet", url=service.url, name="other") as other:
             await other.call("step", inputs, {"model": DEV, "lora": lora})  # connected, LoRA cached
-            (a, pa), (b, pb) = await asyncio.gather(
-                client.call("step", inputs, {"model": DEV, "lora": kohya}),
-                other.call("step", inputs, {"model": DEV, "lora": lora}),
-            )
+            for _ in range(3):  # retried if a loaded machine delivered the two too far apart to merge
+                (a, pa), (b, pb) = await asyncio.gather(
+                    client.call("step", inputs, {"model": DEV, "lora": kohya}),
+                    other.call("step", inputs, {"model": DEV, "lora": lora}),
+                )
+                if pa["batch_rows"] == 4:
+                    break
         assert pa["batch_rows"] == pb["batch_rows"] == 4
         expected_a = reference(
             refs[DEV], inputs, merged_bfl(models_dir / DEV, [(loras["flux-kohya.safetensors"], 0.8)])
