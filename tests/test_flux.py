@@ -228,6 +228,20 @@ def test_control_residuals_land_after_their_blocks(files) -> None:
     assert torch.equal(out, expected) and not torch.equal(out, run(model, inputs))
 
 
+@pytest.mark.parametrize(
+    ("precision", "dtype", "bound"), [("bf16", torch.bfloat16, 0.03), ("fp16", torch.float16, 0.005)]
+)
+def test_half_precisions_stay_close_to_fp32(files, precision, dtype, bound) -> None:
+    model = load_diffusion_model("h", files["flux_dev"], precision, CPU)
+    assert model.dtype == dtype and model.module.proj_out.weight.dtype == dtype
+    reference = load_diffusion_model("f", files["flux_dev"], "fp32", CPU)
+    assert model.nbytes * 2 == reference.nbytes
+    inputs = step_inputs(model, seed=8)
+    expected, got = run(reference, inputs), run(model, inputs)
+    rel = float((got - expected).abs().max() / expected.abs().max())
+    assert 0 < rel < bound, rel
+
+
 def test_fp8_files_stay_fp8_resident_and_stay_close(files, tmp_path) -> None:
     source = files["flux_dev"]
     out, _ = convert.write_copy(source, "fp8", tmp_path / "flux-fp8.safetensors")
