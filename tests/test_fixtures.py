@@ -168,6 +168,8 @@ def test_models_dir_layout_and_cli_hook(tmp_path: Path, capsys: pytest.CaptureFi
         "checkpoints/sd15-small.safetensors",
         "clip/clip_l.safetensors",
         "clip/t5xxl.safetensors",
+        "unet/flux-dev-small.safetensors",
+        "unet/flux-schnell-small.safetensors",
         "unet/sd15-small-unet.safetensors",
         "vae/flux-small-ae.safetensors",
         "vae/sd15-small-vae.safetensors",

@@ -478,6 +478,10 @@ def write_models_dir(
         written[f"{family}_unet"] = write_unet(
             root / "unet" / f"{stem}-unet.safetensors", family, size, seed, dtype
         )
+    if size == "small":  # full-size Flux files (24 GB each) only on request: fixtures_flux.write_flux
+        from .fixtures_flux import write_flux_small
+
+        written.update(write_flux_small(root / "unet", seed))
     written["clip_l"] = write_clip(root / "clip" / "clip_l.safetensors", "l", size, seed, dtype)
     if "sdxl" in families:
         written["clip_g"] = write_clip(root / "clip" / "clip_g.safetensors", "g", size, seed, dtype)
