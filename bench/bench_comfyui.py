@@ -134,6 +134,43 @@ class MemorySampler:
         return self.peak / 2**30
 
 
+def _writer(folder: str, name: str) -> Any:
+    """The full-size random-weight writer for a file an example workflow names (None: unknown name)."""
+    from luna_stack.devtools import fixtures, fixtures_flux, fixtures_sd3, fixtures_t5, fixtures_vae16
+
+    rules: list[tuple[str, str, Any]] = [
+        ("unet", "flux1-dev", lambda p: fixtures_flux.write_flux(p, "dev", "full")),
+        ("unet", "flux1-schnell", lambda p: fixtures_flux.write_flux(p, "schnell", "full")),
+        ("unet", "sd3.5_large", lambda p: fixtures_sd3.write_sd3(p, "sd3.5-large", "full")),
+        ("unet", "sd3.5_medium", lambda p: fixtures_sd3.write_sd3(p, "sd3.5-medium", "full")),
+        ("clip", "clip_l", lambda p: fixtures.write_clip(p, "l", "full")),
+        ("clip", "clip_g", lambda p: fixtures.write_clip(p, "g", "full")),
+        ("clip", "t5xxl_fp16", lambda p: fixtures_t5.write_t5(p, "full")),
+        ("clip", "t5xxl_fp8", lambda p: fixtures_t5.write_t5(p, "full", dtype=torch.float8_e4m3fn)),
+        ("vae", "ae", lambda p: fixtures_vae16.write_vae16(p, "flux", "full", dtype=torch.bfloat16)),
+        ("vae", "sd3.5_vae", lambda p: fixtures_vae16.write_vae16(p, "sd3", "full")),
+        ("checkpoints", "v1-5", lambda p: fixtures.write_checkpoint(p, "sd15", "full")),
+        ("checkpoints", "sd_xl", lambda p: fixtures.write_checkpoint(p, "sdxl", "full")),
+    ]
+    return next((write for f, stem, write in rules if f == folder and name.startswith(stem)), None)
+
+
+def write_missing_models(workflow: Workflow, models: Path) -> None:
+    """Random-weight files, full size in the real layouts, for every file the workflow names that the
+    models directory lacks (bench only: the numbers need real shapes, not real weights)."""
+    for name in {n for names in workflow.preload.values() for n in names.split("+")}:
+        path = models / name
+        if path.exists():
+            continue
+        folder, _, file = name.partition("/")
+        write = _writer(folder, file)
+        if write is None:
+            raise SystemExit(f"{name} is missing and no fixture writer knows it")
+        started = time.monotonic()
+        write(path)
+        print(f"wrote {name} ({path.stat().st_size / 2**30:.1f} GiB, {time.monotonic() - started:.0f} s)")
+
+
 def run_clients(
     args: argparse.Namespace, prompt: dict[str, Any], n: int, pack: bool, env: dict[str, str], tag: str
 ) -> dict[str, Any]:
@@ -287,8 +324,13 @@ def main() -> None:
     parser.add_argument("--comfy-arg", action="append", default=[], help="flags for the ComfyUI clients")
     parser.add_argument("--timeout-s", type=float, default=540)
     parser.add_argument("--name", default=None, help="result name (default comfyui_<workflow stem>)")
+    parser.add_argument(
+        "--write-models", action="store_true", help="write full-size random-weight files the models dir lacks"
+    )
     args = parser.parse_args()
     workflow = Workflow.read(args.workflow, args.size, args.steps)
+    if args.write_models:
+        write_missing_models(workflow, args.models)
     rows: list[dict[str, Any]] = []
     firsts: dict[str, torch.Tensor] = {}
     for n in [int(c) for c in args.local.split(",") if c]:
