@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -179,6 +180,9 @@ def run_clients(
     workflow = work / "workflow.json"
     workflow.write_text(json.dumps(prompt))
     start = work / "start"
+    if importlib.util.find_spec("av") is None:  # ComfyUI imports PyAV; image workflows never use it
+        stand_ins = str(ROOT / "tools" / "comfyui_standins")
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [stand_ins, os.environ.get("PYTHONPATH")]))}
     procs = []
     for i in range(n):
         cmd = [
