@@ -249,6 +249,9 @@ def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[dict[str, st
         "LUNA_MODEL_ROOTS": str(args.models),
         "LUNA_DEVICE": str(_device()),
         "LUNA_DTYPE": args.dtype,
+        # Graphs for the shapes the clients send, captured as they first arrive (no start-up captures
+        # of every bucket at the family's native size).
+        "LUNA_UNET_GRAPH_CAPTURE": "lazy",
         **{f"LUNA_{kind.upper()}_PRELOAD": name for kind, name in workflow.preload.items()},
     }
     with contextlib.ExitStack() as services:
