@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -134,6 +135,43 @@ class MemorySampler:
         return self.peak / 2**30
 
 
+def _writer(folder: str, name: str) -> Any:
+    """The full-size random-weight writer for a file an example workflow names (None: unknown name)."""
+    from luna_stack.devtools import fixtures, fixtures_flux, fixtures_sd3, fixtures_t5, fixtures_vae16
+
+    rules: list[tuple[str, str, Any]] = [
+        ("unet", "flux1-dev", lambda p: fixtures_flux.write_flux(p, "dev", "full")),
+        ("unet", "flux1-schnell", lambda p: fixtures_flux.write_flux(p, "schnell", "full")),
+        ("unet", "sd3.5_large", lambda p: fixtures_sd3.write_sd3(p, "sd3.5-large", "full")),
+        ("unet", "sd3.5_medium", lambda p: fixtures_sd3.write_sd3(p, "sd3.5-medium", "full")),
+        ("clip", "clip_l", lambda p: fixtures.write_clip(p, "l", "full")),
+        ("clip", "clip_g", lambda p: fixtures.write_clip(p, "g", "full")),
+        ("clip", "t5xxl_fp16", lambda p: fixtures_t5.write_t5(p, "full")),
+        ("clip", "t5xxl_fp8", lambda p: fixtures_t5.write_t5(p, "full", dtype=torch.float8_e4m3fn)),
+        ("vae", "ae", lambda p: fixtures_vae16.write_vae16(p, "flux", "full", dtype=torch.bfloat16)),
+        ("vae", "sd3.5_vae", lambda p: fixtures_vae16.write_vae16(p, "sd3", "full")),
+        ("checkpoints", "v1-5", lambda p: fixtures.write_checkpoint(p, "sd15", "full")),
+        ("checkpoints", "sd_xl", lambda p: fixtures.write_checkpoint(p, "sdxl", "full")),
+    ]
+    return next((write for f, stem, write in rules if f == folder and name.startswith(stem)), None)
+
+
+def write_missing_models(workflow: Workflow, models: Path) -> None:
+    """Random-weight files, full size in the real layouts, for every file the workflow names that the
+    models directory lacks (bench only: the numbers need real shapes, not real weights)."""
+    for name in {n for names in workflow.preload.values() for n in names.split("+")}:
+        path = models / name
+        if path.exists():
+            continue
+        folder, _, file = name.partition("/")
+        write = _writer(folder, file)
+        if write is None:
+            raise SystemExit(f"{name} is missing and no fixture writer knows it")
+        started = time.monotonic()
+        write(path)
+        print(f"wrote {name} ({path.stat().st_size / 2**30:.1f} GiB, {time.monotonic() - started:.0f} s)")
+
+
 def run_clients(
     args: argparse.Namespace, prompt: dict[str, Any], n: int, pack: bool, env: dict[str, str], tag: str
 ) -> dict[str, Any]:
@@ -142,6 +180,9 @@ def run_clients(
     workflow = work / "workflow.json"
     workflow.write_text(json.dumps(prompt))
     start = work / "start"
+    if importlib.util.find_spec("av") is None:  # ComfyUI imports PyAV; image workflows never use it
+        stand_ins = str(ROOT / "tools" / "comfyui_standins")
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [stand_ins, os.environ.get("PYTHONPATH")]))}
     procs = []
     for i in range(n):
         cmd = [
@@ -208,6 +249,9 @@ def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[dict[str, st
         "LUNA_MODEL_ROOTS": str(args.models),
         "LUNA_DEVICE": str(_device()),
         "LUNA_DTYPE": args.dtype,
+        # Graphs for the shapes the clients send, captured as they first arrive (no start-up captures
+        # of every bucket at the family's native size).
+        "LUNA_UNET_GRAPH_CAPTURE": "lazy",
         **{f"LUNA_{kind.upper()}_PRELOAD": name for kind, name in workflow.preload.items()},
     }
     with contextlib.ExitStack() as services:
@@ -287,8 +331,13 @@ def main() -> None:
     parser.add_argument("--comfy-arg", action="append", default=[], help="flags for the ComfyUI clients")
     parser.add_argument("--timeout-s", type=float, default=540)
     parser.add_argument("--name", default=None, help="result name (default comfyui_<workflow stem>)")
+    parser.add_argument(
+        "--write-models", action="store_true", help="write full-size random-weight files the models dir lacks"
+    )
     args = parser.parse_args()
     workflow = Workflow.read(args.workflow, args.size, args.steps)
+    if args.write_models:
+        write_missing_models(workflow, args.models)
     rows: list[dict[str, Any]] = []
     firsts: dict[str, torch.Tensor] = {}
     for n in [int(c) for c in args.local.split(",") if c]:

@@ -1,7 +1,8 @@
 """A stand-in for ComfyUI's comfy.sd.CLIP: tokenizes locally with ComfyUI's own tokenizer (so ComfyUI's
 prompt syntax and ours never disagree) and encodes the token ids on the CLIP service.
 
-CLIPTextEncode, CLIPTextEncodeSDXL, CLIPSetLastLayer and LoraLoader use exactly this surface.
+CLIPTextEncode, CLIPTextEncodeSDXL, CLIPTextEncodeFlux (two tokenize calls, add_dict guidance),
+CLIPTextEncodeSD3, CLIPSetLastLayer and LoraLoader use exactly this surface.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ def comfy_tokenizer(family: str) -> Tokenizer:
         from comfy.sdxl_clip import SDXLTokenizer
 
         return SDXLTokenizer(embedding_directory=embeddings, tokenizer_data={})
+    if family == "flux":  # token dict {"l", "t5xxl"}
+        from comfy.text_encoders.flux import FluxTokenizer
+
+        return FluxTokenizer(embedding_directory=embeddings, tokenizer_data={})
+    if family == "sd3":  # token dict {"g", "l", "t5xxl"}
+        from comfy.text_encoders.sd3_clip import SD3Tokenizer
+
+        return SD3Tokenizer(embedding_directory=embeddings, tokenizer_data={})
     from comfy.sd1_clip import SD1Tokenizer
 
     return SD1Tokenizer(embedding_directory=embeddings, tokenizer_data={})
@@ -109,9 +118,10 @@ class ClipProxy:
 
     def encode_tokens(self, tokens: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Size conditioning (CLIPTextEncodeSDXL's add_dict) stays local: the model reads it, not CLIP."""
-        cond, pooled, _ = self.services.clip_encode(
-            self.model, {"tokens": tokens_to_wire(tokens)}, self.lora, self.layer_idx
-        )
+        prompt: dict[str, Any] = {"tokens": tokens_to_wire(tokens)}
+        if self.family in ("flux", "sd3"):  # a Flux pair may be loaded as sd3 (DualCLIPLoader type=sd3)
+            prompt["family"] = self.family
+        cond, pooled, _ = self.services.clip_encode(self.model, prompt, self.lora, self.layer_idx)
         return cond, pooled
 
     def encode_from_tokens(

@@ -78,7 +78,7 @@ def _valid(problem: str | None) -> str | bool:
 def _clip_proxy(svc: Services, model: str, family: str | None = None) -> Any:
     from .clip_proxy import ClipProxy
 
-    served = svc.clip_family(model)
+    served = svc.clip_family(model, family if family in ("flux", "sd3") else None)
     if family is not None and family != served:
         raise LunaStackError(f"CLIP model {model!r} is {served}, not {family}")
     return ClipProxy(svc, model, served)
@@ -140,7 +140,10 @@ class SharedCLIPLoader:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
-    DESCRIPTION = "SD1.5: clip_l. SDXL: clip_l + clip_g (or one checkpoint holding both)."
+    DESCRIPTION = (
+        "SD1.5: clip_l. SDXL: clip_l + clip_g (or one checkpoint holding both). Flux: clip_l + t5xxl. "
+        "SD3: clip_l + t5xxl or clip_g + t5xxl (DualCLIPLoader's type sd3), a lone t5xxl."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -149,7 +152,7 @@ class SharedCLIPLoader:
             "required": {
                 "clip_name1": (listed,),
                 "clip_name2": ([NONE, *listed],),
-                "type": (["sd15", "sdxl"],),
+                "type": (["sd15", "sdxl", "flux", "sd3"],),
             }
         }
 
@@ -163,6 +166,31 @@ class SharedCLIPLoader:
 
     def load(self, clip_name1: str, clip_name2: str, type: str) -> tuple:
         return (load_clip(services(), [n for n in (clip_name1, clip_name2) if n != NONE], type),)
+
+
+class SharedTripleCLIPLoader:
+    """TripleCLIPLoader's role: SD3's clip_l + clip_g + t5xxl from the CLIP service."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    DESCRIPTION = "SD3: clip_l + clip_g + t5xxl."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        listed = _choices(names.TEXT_ENCODERS)
+        return {"required": {"clip_name1": (listed,), "clip_name2": (listed,), "clip_name3": (listed,)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str, clip_name3: str) -> str | bool:
+        for name in (clip_name1, clip_name2, clip_name3):
+            problem = services().problem(names.TEXT_ENCODERS, name)
+            if problem is not None:
+                return problem
+        return True
+
+    def load(self, clip_name1: str, clip_name2: str, clip_name3: str) -> tuple:
+        return (load_clip(services(), [clip_name1, clip_name2, clip_name3], "sd3"),)
 
 
 def load_clip(svc: Services, clip_names: list[str], family: str | None) -> Any:
@@ -368,6 +396,7 @@ NODE_CLASS_MAPPINGS = {
     "LunaStackCheckpointLoader": SharedCheckpointLoader,
     "LunaStackVAELoader": SharedVAELoader,
     "LunaStackCLIPLoader": SharedCLIPLoader,
+    "LunaStackTripleCLIPLoader": SharedTripleCLIPLoader,
     "LunaStackUNetLoader": SharedUNetLoader,
     "LunaSharedVAEDecode": LunaSharedVAEDecode,
     "LunaSharedVAEEncode": LunaSharedVAEEncode,
@@ -382,6 +411,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LunaStackCheckpointLoader": "Shared Checkpoint Loader (Luna Stack)",
     "LunaStackVAELoader": "Shared VAE Loader (Luna Stack)",
     "LunaStackCLIPLoader": "Shared CLIP Loader (Luna Stack)",
+    "LunaStackTripleCLIPLoader": "Shared Triple CLIP Loader (Luna Stack)",
     "LunaStackUNetLoader": "Shared UNet Loader (Luna Stack)",
     "LunaSharedVAEDecode": "Luna Shared VAE Decode",
     "LunaSharedVAEEncode": "Luna Shared VAE Encode",

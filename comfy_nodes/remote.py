@@ -182,6 +182,10 @@ class Services:
         return out
 
     # -- VAE --------------------------------------------------------------------------------------------
+    def vae_load(self, model: str) -> dict[str, Any]:
+        """The service's description of the VAE (latent_channels, family, ...), loading it if needed."""
+        return self.call("vae", "load", None, {"model": model})[1]
+
     def vae_decode(
         self,
         model: str,
@@ -223,10 +227,12 @@ class Services:
         out, info = self.call("clip", "encode", None, params, stage=True)
         return out["cond"], out["pooled"], info
 
-    def clip_family(self, model: str) -> str:
-        """sd15 or sdxl: the encoders the CLIP service runs for this model (loads it if needed)."""
-        _, info = self.call("clip", "tokenize", None, {"model": model, "text": ""})
-        return "sdxl" if "g" in info["tokens"] else "sd15"
+    def clip_family(self, model: str, family: str | None = None) -> str:
+        """sd15, sdxl, flux or sd3: the conditioning the CLIP service gives this model (loads it if needed);
+        `family` asks for another one its encoders allow (sd3 for a Flux pair), a 400 if they do not."""
+        params = {"model": model, "text": "", **({"family": family} if family else {})}
+        _, info = self.call("clip", "tokenize", None, params)
+        return info.get("family") or ("sdxl" if "g" in info["tokens"] else "sd15")
 
     # -- UNet -------------------------------------------------------------------------------------------
     def unet_load(self, model: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """A stand-in for ComfyUI's comfy.sd.VAE that decodes and encodes on the VAE service.
 
 VAEDecode, VAEEncode, VAEDecodeTiled and VAEEncodeTiled call exactly these methods; the object needs no
-ComfyUI import, so it also backs the Luna Shared VAE nodes.
+ComfyUI import, so it also backs the Luna Shared VAE nodes. Every VAE the service serves compresses 8x
+(SD1.x / SDXL: 4 latent channels; Flux / SD3: 16); the channel count is the service's answer for the file,
+as comfy.sd.VAE reads it from the weights.
 """
 
 from __future__ import annotations
@@ -29,15 +31,23 @@ class VaeProxy:
     DECODE_TILE = (64, 64, 16)
     ENCODE_TILE = (512, 512, 64)
 
-    def __init__(self, services: Services, model: str, latent_channels: int = 4):
+    def __init__(self, services: Services, model: str, latent_channels: int | None = None):
         self.services = services
         self.model = model
-        self.latent_channels = latent_channels
+        self._latent_channels = latent_channels
         self.device = torch.device("cpu")
         self.output_device = torch.device("cpu")
 
     def __repr__(self) -> str:
         return f"VaeProxy({self.model!r})"
+
+    @property
+    def latent_channels(self) -> int:
+        """4 or 16, asked of the service on first use (which loads the VAE there, as ComfyUI's VAELoader
+        loads it), so a loader node costs nothing until something needs to know."""
+        if self._latent_channels is None:
+            self._latent_channels = int(self.services.vae_load(self.model)["latent_channels"])
+        return self._latent_channels
 
     # -- what ComfyUI's nodes and model management ask ---------------------------------------------------
     def spacial_compression_decode(self) -> int:

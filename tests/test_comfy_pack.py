@@ -158,7 +158,7 @@ def test_pack_imports_without_heavy_dependencies_or_comfyui() -> None:
         "import sys\n"
         "for m in ('diffusers', 'transformers', 'comfy', 'folder_paths'): sys.modules[m] = None\n"
         "import comfy_nodes\n"
-        "assert len(comfy_nodes.NODE_CLASS_MAPPINGS) == 12, comfy_nodes.NODE_CLASS_MAPPINGS\n"
+        "assert len(comfy_nodes.NODE_CLASS_MAPPINGS) == 13, comfy_nodes.NODE_CLASS_MAPPINGS\n"
         "print(sorted(m for m in sys.modules if m.startswith('comfy_nodes.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -10,20 +10,20 @@ Needs COMFYUI_PATH (a ComfyUI checkout) and a Python with ComfyUI's requirements
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.fixtures_sd3 import VARIANTS, sd3_config, sd3_file_name, write_sd3
+from luna_stack.unet.arch import Loaded
 from luna_stack.unet.family import build
+from luna_stack.unet.sd3.arch import Sd3Arch
 
-from .comfyui_harness import COMFYUI_PATH, ROOT, requires_comfyui
+from .comfyui_harness import COMFYUI_PATH, ComfyRuntime, pack_module, requires_comfyui, unload
 from .comfyui_import import import_comfyui
 from .conftest import make_settings
 
@@ -34,6 +34,7 @@ TOL = 1e-5  # max |Δ| / max |ComfyUI|: fp32 kernels in a different order (atten
 @pytest.fixture(scope="module")
 def sd3_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sd3_models")
+    (root / "loras").mkdir()
     for variant in VARIANTS:
         write_sd3(root / "unet" / sd3_file_name(variant), variant, seed=3, dtype=torch.float32)
     return root
@@ -99,35 +100,16 @@ async def test_service_step_equals_comfyuis_mmdit(
     print(f"\n{variant}: max relative error vs ComfyUI {worst:.2e}")
 
 
-def _pack(name: str) -> Any:
-    """A module of the pack under the name ComfyUI's custom-node loader gives it (the path, dots replaced),
-    loaded that way unless another test's ComfyUI already did, so the pack's hooks are installed once."""
-    package = str(ROOT / "comfy_nodes").replace(".", "_x_")
-    if package not in sys.modules:
-        spec = importlib.util.spec_from_file_location(package, ROOT / "comfy_nodes" / "__init__.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[package] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(f"{package}.{name}")
-
-
-def test_shared_model_samples_like_comfyuis_own(
-    sd3_models: Path, comfy_sd: Any, start_service, redis_url
-) -> None:
-    """KSampler over the pack's MODEL proxy (ComfyUI's own SD3 BaseModel: flow shift 3, sgm_uniform
-    sigmas, CFG) equals KSampler over ComfyUI's locally loaded copy of the same file."""
+def test_shared_unet_loader_samples_like_comfyuis_own(comfy: ComfyRuntime, comfy_sd: Any) -> None:
+    """KSampler over the pack's Shared UNet Loader MODEL (ComfyUI's own SD3 BaseModel: flow shift 3,
+    sgm_uniform sigmas, CFG) equals KSampler over ComfyUI's locally loaded copy of the same file."""
     import comfy.sample
 
     variant = "sd3.5-large"
-    name = f"unet/{sd3_file_name(variant)}"
-    service = start_service(build, make_settings(sd3_models, LUNA_REDIS_URL=redis_url))
-    proxy, settings = _pack("model_proxy"), _pack("settings")
-    services = proxy.Services(
-        settings.PackSettings({"clip": None, "vae": None, "unet": service.url}, None, None)
-    )
-    shared = proxy.remote_model(services, name, services.unet_load(name))
-    local = comfy_sd.load_diffusion_model(str(sd3_models / name))
+    file = f"proxy-{sd3_file_name(variant)}"
+    path = write_sd3(comfy.models / "unet" / file, variant, seed=4, dtype=torch.float32)  # the shared folder
+    shared = pack_module("nodes").SharedUNetLoader().load(file)[0]
+    local = comfy_sd.load_diffusion_model(str(path))
     cfg = sd3_config(variant)
     gen = torch.Generator().manual_seed(5)
 
@@ -138,21 +120,108 @@ def test_shared_model_samples_like_comfyuis_own(
     positive, negative = cond(), cond()
     latent = torch.zeros(1, 16, 14, 18)
     noise = torch.randn(latent.shape, generator=gen)
-    runs = {}
-    for which, model in (("shared", shared), ("local", local)):
-        runs[which] = comfy.sample.sample(
-            model,
-            noise,
-            3,
-            4.5,
-            "euler",
-            "sgm_uniform",
-            positive,
-            negative,
-            latent,
-            seed=5,
-            disable_pbar=True,
-        )
+    try:
+        runs = {
+            which: comfy.sample.sample(
+                model,
+                noise,
+                3,
+                4.5,
+                "euler",
+                "sgm_uniform",
+                positive,
+                negative,
+                latent,
+                seed=5,
+                disable_pbar=True,
+            )
+            for which, model in (("shared", shared), ("local", local))
+        }
+    finally:
+        unload(shared.model.diffusion_model.model_name, ("UNET",))
+        path.unlink()
     error = float((runs["shared"] - runs["local"]).abs().max() / runs["local"].abs().max())
     print(f"\nKSampler over the shared SD3.5 model vs ComfyUI's own: max relative error {error:.2e}")
     assert (runs["local"] - noise).abs().max() > 0.1 and error < 1e-4
+
+
+def _lora_file(path: Path, modules: dict[str, tuple[int, int]], fmt: str, seed: int) -> None:
+    """Random rank-4 factors for `modules` (name -> weight shape): kohya (`lora_unet_` + SAI path with _,
+    alpha 2), `diffusion_model.` + SAI path (alpha 2), PEFT `transformer.` + diffusers path (no alpha:
+    ComfyUI reads no PEFT metadata) or OneTrainer's `lora_transformer_` + diffusers path with _."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (rows, cols) in modules.items():
+        down = torch.randn(4, cols, generator=gen) / cols**0.5
+        up = torch.randn(rows, 4, generator=gen) * 0.3
+        if fmt == "peft":
+            tensors |= {
+                f"transformer.{module}.lora_A.weight": down,
+                f"transformer.{module}.lora_B.weight": up,
+            }
+            continue
+        base = {
+            "kohya": "lora_unet_" + module.replace(".", "_"),
+            "generic": f"diffusion_model.{module}",
+            "onetrainer": "lora_transformer_" + module.replace(".", "_"),
+        }[fmt]
+        tensors |= {
+            f"{base}.lora_down.weight": down,
+            f"{base}.lora_up.weight": up,
+            f"{base}.alpha": torch.tensor(2.0),
+        }
+    save_file(tensors, str(path))
+
+
+async def test_loras_match_comfyuis_lora_loader(
+    sd3_models: Path, comfy_sd: Any, start_service, redis_url
+) -> None:
+    """The same LoRA files through ComfyUI's load_lora_for_models on its own model and through the
+    service: SAI names with fused qkv (kohya and `diffusion_model.`), diffusers names (PEFT, OneTrainer)."""
+    variant = "sd3.5-medium"
+    name = f"unet/{sd3_file_name(variant)}"
+    sai = load_file(sd3_models / name)
+    linear_sai = {
+        k.removesuffix(".weight"): tuple(v.shape)
+        for k, v in sai.items()
+        if k.endswith(".weight") and v.ndim == 2
+    }
+    model = Sd3Arch().build(
+        dict(sai), Loaded(name, sd3_models / name, "fp32", torch.float32, torch.device("cpu"))
+    )
+    diffusers = {
+        n: tuple(m.weight.shape) for n, m in model.module.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    diffusers = {n: s for n, s in diffusers.items() if ".attn" in n or ".ff" in n}
+    files = {"kohya": linear_sai, "generic": linear_sai, "peft": diffusers, "onetrainer": diffusers}
+    for i, (fmt, modules) in enumerate(files.items()):
+        _lora_file(sd3_models / "loras" / f"cf-{fmt}.safetensors", modules, fmt, seed=20 + i)
+    service = start_service(build, make_settings(sd3_models, LUNA_REDIS_URL=redis_url))
+    patcher = comfy_sd.load_diffusion_model(str(sd3_models / name))
+    sigmas = torch.tensor([1.0, 0.6])
+    timesteps = patcher.model.model_sampling.timestep(sigmas)
+    tensors = _inputs(variant, sigmas, 14, 18, seed=9) | {"timesteps": timesteps}
+
+    def comfy_step(model: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.diffusion_model.float()(tensors["x"], timesteps, tensors["context"], tensors["y"])
+
+    base = comfy_step(patcher.model)
+    async with AsyncClient("unet", url=service.url) as client:
+        for fmt, strength in (("kohya", 0.8), ("generic", -0.6), ("peft", 1.0), ("onetrainer", 0.7)):
+            lora_file = f"cf-{fmt}.safetensors"
+            patched, _ = comfy_sd.load_lora_for_models(
+                patcher, None, load_file(sd3_models / "loras" / lora_file), strength, 0.0
+            )
+            patched.patch_model()
+            try:
+                theirs = comfy_step(patched.model)
+            finally:
+                patched.unpatch_model()
+            assert float((theirs - base).abs().max()) > 1e-2  # ComfyUI applied the LoRA
+            out, _ = await client.call(
+                "step", tensors, {"model": name, "lora": [{"name": lora_file, "strength": strength}]}
+            )
+            error = float((out["out"] - theirs).abs().max() / theirs.abs().max())
+            print(f"\n{variant} LoRA {fmt}: max relative error vs ComfyUI {error:.2e}")
+            assert error < 1e-5, fmt

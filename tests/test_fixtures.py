@@ -167,11 +167,16 @@ def test_models_dir_layout_and_cli_hook(tmp_path: Path, capsys: pytest.CaptureFi
     assert files == [
         "checkpoints/sd15-small.safetensors",
         "clip/clip_l.safetensors",
+        "clip/t5xxl.safetensors",
+        "unet/flux-dev-small.safetensors",
+        "unet/flux-schnell-small.safetensors",
         "unet/sd15-small-unet.safetensors",
         "unet/sd3-small.safetensors",
         "unet/sd3.5-large-small.safetensors",
         "unet/sd3.5-medium-small.safetensors",
+        "vae/flux-small-ae.safetensors",
         "vae/sd15-small-vae.safetensors",
+        "vae/sd3-small-vae.safetensors",
     ]
     assert "sd15_checkpoint" in capsys.readouterr().out
     info = checkpoint.detect(checkpoint.load_shapes(tmp_path / "checkpoints/sd15-small.safetensors"))

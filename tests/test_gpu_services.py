@@ -18,20 +18,25 @@ from .conftest import make_settings
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 VAE = "vae/sd15-small-vae.safetensors"
+FLUX_VAE = "vae/flux-small-ae.safetensors"  # 16 latent channels
+VAES = [(VAE, 4), (FLUX_VAE, 16)]
 
 
 def gpu_settings(models: Path, **env: str):
     return make_settings(models, LUNA_DEVICE="auto", LUNA_DTYPE="auto", **env)
 
 
-def test_vae_defaults_to_bf16_on_the_gpu_and_stays_close_to_fp32(models_dir: Path, start_service) -> None:
+@pytest.mark.parametrize(("vae", "channels"), VAES)
+def test_vae_defaults_to_bf16_on_the_gpu_and_stays_close_to_fp32(
+    models_dir: Path, start_service, vae: str, channels: int
+) -> None:
     svc = start_service(build_vae, gpu_settings(models_dir))
-    latent = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    latent = torch.randn(2, channels, 32, 32, generator=torch.Generator().manual_seed(0))
     with Client("vae", url=svc.url) as client:
-        out, _ = client.call("decode", {"latent": latent}, {"model": VAE})
+        out, _ = client.call("decode", {"latent": latent}, {"model": vae})
         status = client.status()
     assert status["device"] == "cuda:0" and status["dtype"] == "bf16"
-    reference = load_vae("ref", models_dir / VAE, torch.device("cpu"), torch.float32).decode(latent)
+    reference = load_vae("ref", models_dir / vae, torch.device("cpu"), torch.float32).decode(latent)
     err = (out["image"] - reference).abs()
     assert err.mean() < 0.01 and err.max() < 0.2, (err.mean(), err.max())
 
@@ -59,9 +64,12 @@ def test_nvml_status_reports_this_gpu(models_dir: Path, start_service) -> None:
     assert nvml_status()["available"] is True
 
 
-def test_vae_out_of_memory_falls_back_to_tiles(models_dir: Path, start_service) -> None:
-    svc = start_service(build_vae, gpu_settings(models_dir, LUNA_VAE_PRELOAD=VAE, LUNA_VAE_TILE_SIZE="512"))
-    latent = torch.randn(1, 4, 512, 512, generator=torch.Generator().manual_seed(2))  # a 4096² image
+@pytest.mark.parametrize(("vae", "channels"), VAES)
+def test_vae_out_of_memory_falls_back_to_tiles(
+    models_dir: Path, start_service, vae: str, channels: int
+) -> None:
+    svc = start_service(build_vae, gpu_settings(models_dir, LUNA_VAE_PRELOAD=vae, LUNA_VAE_TILE_SIZE="512"))
+    latent = torch.randn(1, channels, 512, 512, generator=torch.Generator().manual_seed(2))  # a 4096² image
     hog = []
     spare = 1.25 * 2**30
     try:
@@ -72,7 +80,7 @@ def test_vae_out_of_memory_falls_back_to_tiles(models_dir: Path, start_service) 
             hog.append(torch.empty(int(min(free - spare, 2**30)), dtype=torch.uint8, device="cuda"))
             free, _ = torch.cuda.mem_get_info()
         with Client("vae", url=svc.url) as client:
-            out, _ = client.call("decode", {"latent": latent}, {"model": VAE})
+            out, _ = client.call("decode", {"latent": latent}, {"model": vae})
             status = client.status()
     finally:
         hog.clear()

@@ -1,9 +1,10 @@
 """Conditioning cache in Redis, shared by every replica: a repeated prompt never reaches the GPU.
 
 The key is the sha256 of everything the output depends on: the encoders' weights (content hash), the
-compute dtype, per-encoder token ids (textual-inversion vectors by their bytes' hash) and weights, the
-clip skip, and the LoRA stack as (file content hash, strength). The value is the safetensors blob of
-(cond, pooled). Hits and misses are counted per replica and, in Redis, across replicas.
+compute dtype, the family (a Flux pair may also give SD3 conditioning), per-encoder token ids, T5's
+included (textual-inversion vectors by their bytes' hash) and weights, the clip skip, and the LoRA stack
+as (file content hash, strength). The value is the safetensors blob of (cond, pooled). Hits and misses
+are counted per replica and, in Redis, across replicas.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .tokenize import Chunk
 
 log = logging.getLogger(__name__)
 # Bump when the meaning of an entry changes (semantics or layout), so stale entries are never read.
-_VERSION = "clip-cond-v1"
+_VERSION = "clip-cond-v2"
 
 
 def _token_json(token: int | torch.Tensor) -> int | str:
@@ -39,10 +40,12 @@ def cache_key(
     chunks: dict[str, list[Chunk]],
     clip_skip: int | None,
     lora: tuple[tuple[str, float], ...],
+    family: str = "",
 ) -> str:
     payload = {
         "v": _VERSION,
         "model": model_id,
+        "family": family,
         "dtype": dtype,
         "tokens": {k: [[[_token_json(t), w] for t, w in c] for c in v] for k, v in sorted(chunks.items())},
         "clip_skip": clip_skip,

@@ -15,6 +15,8 @@ from luna_stack.gpu.graph_config import (
     max_shapes_setting,
 )
 
+FLUX_T5_MIN = 256  # the T5 sequence of a Flux prompt is padded to 256 tokens: the cap cannot be lower
+
 
 @section("clip")
 @dataclasses.dataclass
@@ -29,6 +31,14 @@ class ClipSettings:
     max_delay_ms: float = setting(2.0, "How long a request may wait for others to join its batch.", minimum=0)
     max_chunks: int = setting(
         32, "Longest prompt accepted, in 75-token chunks (ComfyUI has no limit).", minimum=1, maximum=1024
+    )
+    max_t5_tokens: int = setting(
+        512,
+        "Longest T5-XXL token sequence accepted (Flux, SD3), counting `</s>`; ComfyUI has no limit. T5 "
+        "attention grows with the square of the length and rows of one length batch together; 512 is "
+        "what Flux-dev and SD3 were trained with (longer prompts are rarely useful).",
+        minimum=FLUX_T5_MIN,
+        maximum=8192,
     )
     max_prompt_chars: int = setting(
         32768,

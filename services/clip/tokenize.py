@@ -58,7 +58,7 @@ def tokenize(
             raise BadRequest(f"prompt weight {weight} is not a finite number")
         for word in split_embedding_words(segment):
             if word.startswith(EMBEDDING_PREFIX) and embeddings is not None:
-                vectors, word = _embedding(
+                vectors, word = embedding_vectors(
                     word[len(EMBEDDING_PREFIX) :].strip("\n"), spec, embeddings, warnings
                 )
                 if vectors is not None:
@@ -76,7 +76,7 @@ def tokenize(
     return chunks
 
 
-def _embedding(
+def embedding_vectors(
     name: str, spec: EncoderSpec, store: EmbeddingStore, warnings: list[str]
 ) -> tuple[torch.Tensor | None, str]:
     """(vectors or None, leftover text) for the word after `embedding:`, as ComfyUI's _try_get_embedding."""

@@ -478,12 +478,24 @@ def write_models_dir(
         written[f"{family}_unet"] = write_unet(
             root / "unet" / f"{stem}-unet.safetensors", family, size, seed, dtype
         )
+    if size == "small":  # full-size Flux files (24 GB each) only on request: fixtures_flux.write_flux
+        from .fixtures_flux import write_flux_small
+
+        written.update(write_flux_small(root / "unet", seed))
     written["clip_l"] = write_clip(root / "clip" / "clip_l.safetensors", "l", size, seed, dtype)
     if "sdxl" in families:
         written["clip_g"] = write_clip(root / "clip" / "clip_g.safetensors", "g", size, seed, dtype)
-    from luna_stack.devtools.fixtures_sd3 import write_sd3_files  # it imports this module
+    if size == "small":  # a full T5-XXL is 9.5 GB: fixtures_t5.write_t5 writes one when asked
+        from .fixtures_t5 import write_t5
 
-    written.update(write_sd3_files(root, size, seed, dtype))
+        written["t5xxl"] = write_t5(root / "clip" / "t5xxl.safetensors", size, seed, dtype)
+    from luna_stack.devtools.fixtures_vae16 import write_vae16_files  # it imports this module
+
+    written.update(write_vae16_files(root, size, seed, dtype))
+    if size == "small":  # full-size SD3 files (4 to 16 GB) only on request: fixtures_sd3.write_sd3
+        from .fixtures_sd3 import write_sd3_small
+
+        written.update(write_sd3_small(root / "unet", seed, dtype))
     return written
 
 
@@ -533,7 +545,13 @@ def demo_models_table() -> str:
         f"{clip_g['projection_dim']}; 77-token chunks, the real vocabulary |"
     )
     rows.append(
-        f"| (every VAE) | AutoencoderKL | channels {vae['block_out_channels']}: IMAGE [B, H, W, 3] <-> "
+        f"| (every SD VAE) | AutoencoderKL | channels {vae['block_out_channels']}: IMAGE [B, H, W, 3] <-> "
         f"latent [B, {vae['latent_channels']}, H/8, W/8] |"
     )
+    from luna_stack.devtools.fixtures_vae16 import demo_row  # it imports this module
+
+    rows.append(demo_row())
+    from .fixtures_sd3 import sd3_demo_row
+
+    rows.append(sd3_demo_row())
     return "\n".join(rows)

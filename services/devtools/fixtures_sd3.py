@@ -115,10 +115,18 @@ def sd3_file_name(variant: Variant, size: Size = "small") -> str:
     return f"{variant}-{size}.safetensors"
 
 
-def write_sd3_files(root: Path, size: Size, seed: int, dtype: torch.dtype) -> dict[str, Path]:
-    """unet/<variant>-<size>.safetensors for write_models_dir: every variant when small; full size only
-    SD3 medium (a full SD3.5 large is 16 GB in fp16: write it with write_sd3 where needed)."""
-    variants = VARIANTS if size == "small" else ("sd3",)
-    return {
-        f"{v}_unet": write_sd3(root / "unet" / sd3_file_name(v, size), v, size, seed, dtype) for v in variants
-    }
+def write_sd3_small(unet: Path, seed: int, dtype: torch.dtype) -> dict[str, Path]:
+    """unet/<variant>-small.safetensors, every variant: what write_models_dir adds."""
+    return {f"{v}_unet": write_sd3(unet / sd3_file_name(v), v, "small", seed, dtype) for v in VARIANTS}
+
+
+def sd3_demo_row() -> str:
+    """The README demo-models table's row for the files write_sd3_small writes."""
+    cfg = sd3_config("sd3", "small")
+    files = ", ".join(f"`unet/{sd3_file_name(v)}`" for v in VARIANTS)
+    return (
+        f"| {files} | SD3 medium / SD3.5 medium (dual attention in block 0) / SD3.5 large (qk norm) MMDiTs, "
+        f"SAI layout | {cfg.num_layers} joint blocks {cfg.hidden} wide; `context` [B, T, "
+        f"{cfg.joint_attention_dim}], `y` [B, {cfg.pooled_projection_dim}]; latent [B, 16, H/8, W/8] up to "
+        f"{cfg.pos_embed_max_size * cfg.patch_size}² (512² images) |"
+    )

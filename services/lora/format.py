@@ -2,15 +2,21 @@
 
 A LoRA file is a safetensors state dict of low-rank factor pairs. Three naming families exist in the wild:
 
-- kohya: `lora_unet_<path with _>` / `lora_te_` (SD1.5 CLIP-L) / `lora_te1_` (SDXL CLIP-L) / `lora_te2_`
-  (SDXL CLIP-G), tensors `.lora_down.weight`, `.lora_up.weight`, `.alpha`. The underscore-joined path is
-  ambiguous; it is matched against a model's module names later (see lora_resolve).
-- diffusers/PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` (or no prefix, or `base_model.model.`),
-  tensors `.lora_A.weight` / `.lora_B.weight`; older diffusers wrote `.lora.down.weight`,
-  `.lora_linear_layer.down.weight` or `<attn>.processor.to_q_lora.down.weight`. Alpha may be absent
-  (then alpha = rank) or stored as PEFT config in the safetensors metadata `lora_adapter_metadata`.
-- LDM: `diffusion_model.` / `model.diffusion_model.` + the original UNet module path, with either pair of
-  tensor suffixes.
+- kohya: `lora_unet_<path with _>` (DiT trainers: `lora_transformer_`) / `lora_te_` (SD1.5 CLIP-L) /
+  `lora_te1_` (SDXL CLIP-L) / `lora_te2_` (SDXL CLIP-G) / T5-XXL as ComfyUI's model_lora_keys_clip names
+  it: `lora_te2_` in Flux files (CLIP-L + T5), `lora_te3_` in SD3 files, told from CLIP-G by the T5 module
+  path (`encoder_block_N_...`); tensors `.lora_down.weight`, `.lora_up.weight`, `.alpha`. The
+  underscore-joined path is ambiguous; it is matched against a model's module names later (see
+  lora_resolve).
+- diffusers/PEFT: `unet.` / `transformer.` (DiTs) / `text_encoder.` / `text_encoder_2.` (or no prefix,
+  or `base_model.model.`), tensors `.lora_A.weight` / `.lora_B.weight`; older diffusers wrote
+  `.lora.down.weight`, `.lora_linear_layer.down.weight` or `<attn>.processor.to_q_lora.down.weight`.
+  Alpha may be absent (then alpha = rank) or stored as PEFT config in the safetensors metadata
+  `lora_adapter_metadata`.
+- LDM: `diffusion_model.` / `model.diffusion_model.` + the original UNet (or DiT: BFL's Flux) module
+  path, with either pair of tensor suffixes.
+- ComfyUI's generic text-encoder names: `text_encoders.{clip_l,clip_g,t5xxl}.transformer.` + the module
+  path of the HF model.
 
 Parsing only checks the file's own consistency; binding to a model is `lora_resolve.resolve`.
 """
@@ -28,8 +34,8 @@ import torch
 
 from luna_stack.wire.errors import ModelLoadError
 
-Component = Literal["unet", "clip_l", "clip_g"]
-COMPONENTS: tuple[Component, ...] = ("unet", "clip_l", "clip_g")
+Component = Literal["unet", "clip_l", "clip_g", "t5xxl"]
+COMPONENTS: tuple[Component, ...] = ("unet", "clip_l", "clip_g", "t5xxl")
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,14 @@ _PROCESSOR_KEY = re.compile(
 # (prefix, component, flat names, format the prefix implies or None when the suffix decides)
 _PREFIXES: tuple[tuple[str, Component, bool, str | None], ...] = (
     ("lora_unet_", "unet", True, "kohya"),
+    ("lora_transformer_", "unet", True, "kohya"),  # DiT trainers' kohya names over diffusers paths
     ("lora_te1_", "clip_l", True, "kohya"),
     ("lora_te2_", "clip_g", True, "kohya"),
+    ("lora_te3_", "t5xxl", True, "kohya"),
     ("lora_te_", "clip_l", True, "kohya"),
+    ("text_encoders.clip_l.transformer.", "clip_l", False, None),
+    ("text_encoders.clip_g.transformer.", "clip_g", False, None),
+    ("text_encoders.t5xxl.transformer.", "t5xxl", False, None),
     ("model.diffusion_model.", "unet", False, "ldm"),
     ("diffusion_model.", "unet", False, "ldm"),
     ("text_encoder_2.", "clip_g", False, None),
@@ -132,10 +143,11 @@ _UNSUPPORTED = {
     "dora_scale": "DoRA",
     "lora_mid": "LoCon Tucker (lora_mid)",
 }
-_PEFT_METADATA_PREFIX: dict[Component, str] = {
-    "unet": "unet",
-    "clip_l": "text_encoder",
-    "clip_g": "text_encoder_2",
+_T5_FLAT_PREFIX = "encoder_block_"  # T5 module paths (`encoder.block.N...`), kohya-joined
+_PEFT_METADATA_PREFIXES: dict[Component, tuple[str, ...]] = {
+    "unet": ("unet", "transformer"),  # diffusers' DiT pipelines call the network transformer
+    "clip_l": ("text_encoder",),
+    "clip_g": ("text_encoder_2",),
 }
 
 
@@ -164,7 +176,10 @@ def _locate(path: str) -> tuple[Component, str, bool, str | None]:
     path = path.removeprefix("base_model.model.")
     for prefix, component, flat, fmt in _PREFIXES:
         if path.startswith(prefix):
-            return component, path[len(prefix) :], flat, fmt
+            module = path[len(prefix) :]
+            if flat and prefix.startswith("lora_te") and module.startswith(_T5_FLAT_PREFIX):
+                component = "t5xxl"  # OneTrainer / kohya Flux and SD3 files: T5 under lora_te2_ / lora_te3_
+            return component, module, flat, fmt
     if path.startswith("lora_"):
         raise KeyError(path)  # kohya prefix of another model family (lora_prior_unet_, ...)
     return "unet", path, False, None  # PEFT save of a bare UNet has no prefix
@@ -182,9 +197,12 @@ def _peft_alphas(
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"LoRA metadata 'lora_adapter_metadata' is not JSON: {exc}") from exc
     out: dict[Component, tuple[float | None, dict[str, float]]] = {}
-    for component, prefix in _PEFT_METADATA_PREFIX.items():
-        alpha = config.get(f"{prefix}.lora_alpha")
-        pattern = config.get(f"{prefix}.alpha_pattern") or {}
+    for component, prefixes in _PEFT_METADATA_PREFIXES.items():
+        present = [p for p in prefixes if f"{p}.lora_alpha" in config or f"{p}.alpha_pattern" in config]
+        if not present:
+            continue
+        alpha = config.get(f"{present[0]}.lora_alpha")
+        pattern = config.get(f"{present[0]}.alpha_pattern") or {}
         if alpha is not None or pattern:
             out[component] = (
                 None if alpha is None else float(alpha),

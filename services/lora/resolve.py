@@ -7,6 +7,10 @@ plain nn.Conv2d). The index holds, per module, the aliases a file may use for it
 - for the UNet, the original LDM path (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`), from
   ldm_layout's module-name map, since SDXL kohya files and `diffusion_model.` files use it;
 - for CLIP, the path with and without `text_model.` (transformers 5.6 dropped that level);
+- aliases the model's architecture registers (`register_aliases`), e.g. Flux's BFL paths: one file
+  module may be computed by several of the model's modules, each owning some rows of its output (a
+  fused qkv projection is diffusers' to_q, to_k, to_v). A LoRA on it is exact on the parts: each part
+  takes the up factor's rows of its output and shares the down factor;
 - each of these underscore-joined, for kohya names (ambiguous joins are dropped, never guessed).
 
 Factors are reshaped to the module (a Linear takes 1x1-conv factors and the other way round), checked
@@ -44,10 +48,21 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @dataclass(frozen=True)
+class AliasPart:
+    """A model module computing some rows of an aliased (possibly fused) module's output."""
+
+    module: str  # the model's module name
+    rows: tuple[tuple[int, int], ...] = ()  # the aliased output's rows it computes, in its order; () = all
+
+
+Parts = tuple[AliasPart, ...]
+
+
+@dataclass(frozen=True)
 class ModuleIndex:
     modules: dict[str, nn.Module]
-    dotted: dict[str, str]  # alias -> module name
-    flat: dict[str, str]  # underscore-joined alias -> module name
+    dotted: dict[str, Parts]  # alias -> the modules computing it
+    flat: dict[str, Parts]  # underscore-joined alias -> the same
 
 
 @dataclass(frozen=True, eq=False)  # identity equality: a stack compares its adapters by object
@@ -65,6 +80,15 @@ class ResolvedLora:
 
 
 _INDEXES: weakref.WeakKeyDictionary[nn.Module, dict[Component, ModuleIndex]] = weakref.WeakKeyDictionary()
+_ALIASES: weakref.WeakKeyDictionary[nn.Module, dict[Component, Mapping[str, Parts]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register_aliases(model: nn.Module, component: Component, aliases: Mapping[str, Parts]) -> None:
+    """Names LoRA files use for `model`'s modules besides their own (before the first resolve)."""
+    _ALIASES.setdefault(model, {})[component] = dict(aliases)
+    _INDEXES.get(model, {}).pop(component, None)
 
 
 def _unet_ldm_aliases(model: nn.Module) -> dict[str, str]:
@@ -81,20 +105,24 @@ def _unet_ldm_aliases(model: nn.Module) -> dict[str, str]:
 
 def _build_index(model: nn.Module, component: Component) -> ModuleIndex:
     modules = adaptable_modules(model)
-    dotted = {name: name for name in modules}
+    names: dict[str, str] = {name: name for name in modules}
     if component == "unet":
         for ldm, diffusers in _unet_ldm_aliases(model).items():
             if diffusers in modules:
-                dotted.setdefault(ldm, diffusers)
-    else:  # files always say text_model.*; transformers >= 5.6 CLIPTextModel has no text_model level
+                names.setdefault(ldm, diffusers)
+    elif component != "t5xxl":  # CLIP files say text_model.*; transformers >= 5.6 CLIPTextModel has none
         for name in modules:
             prefixed = name.startswith("text_model.")
-            dotted.setdefault(name.removeprefix("text_model.") if prefixed else f"text_model.{name}", name)
-    flat: dict[str, str] = {}
+            names.setdefault(name.removeprefix("text_model.") if prefixed else f"text_model.{name}", name)
+    dotted: dict[str, Parts] = {alias: (AliasPart(name),) for alias, name in names.items()}
+    for alias, parts in _ALIASES.get(model, {}).get(component, {}).items():
+        if all(p.module in modules for p in parts):
+            dotted.setdefault(alias, tuple(parts))
+    flat: dict[str, Parts] = {}
     ambiguous: set[str] = set()
-    for alias, name in dotted.items():
+    for alias, parts in dotted.items():
         key = alias.replace(".", "_")
-        if flat.setdefault(key, name) != name:
+        if flat.setdefault(key, parts) != parts:
             ambiguous.add(key)
     for key in ambiguous:
         del flat[key]
@@ -170,15 +198,26 @@ def resolve(
     factors: dict[str, LoraFactors] = {}
     unmatched: list[str] = []
     for target in targets:
-        name = (index.flat if target.flat else index.dotted).get(target.name)
-        if name is None:
+        parts = (index.flat if target.flat else index.dotted).get(target.name)
+        if parts is None:
             unmatched.append(target.name)
             continue
-        if name in factors:
+        fused_rows = max((b for p in parts for _, b in p.rows), default=None)
+        if fused_rows is not None and target.factors.up.shape[0] != fused_rows:
             raise BadRequest(
-                f"LoRA {lora.name} has two factor pairs for module {name} (one is {target.name})"
+                f"LoRA {lora.name}: {target.name} has {target.factors.up.shape[0]} output rows, the "
+                f"modules it adapts ({', '.join(p.module for p in parts)}) {fused_rows}",
+                hint="the LoRA was trained for a model of another size or architecture",
             )
-        factors[name] = _fit(lora.name, name, index.modules[name], target.factors, dtype)
+        for part in parts:
+            if part.module in factors:
+                raise BadRequest(
+                    f"LoRA {lora.name} has two factor pairs for module {part.module} (one is {target.name})"
+                )
+            f = target.factors
+            if part.rows:
+                f = LoraFactors(f.down, torch.cat([f.up[a:b] for a, b in part.rows]), f.alpha)
+            factors[part.module] = _fit(lora.name, part.module, index.modules[part.module], f, dtype)
     if targets and not factors:
         raise BadRequest(
             f"LoRA {lora.name} does not fit model {model_name or type(model).__name__}: 0 of {len(targets)} "

@@ -100,10 +100,18 @@ class UnetFamily(ModelFamily[DiffusionModel, Step]):
     def __init__(self, ctx: ServiceContext):
         super().__init__(ctx)
         self.precision = self.cfg.precision if self.cfg.precision != "auto" else dtype_name(ctx.dtype)
+        self.arch_precision = {"flux": self._flux_precision(ctx.device)}
         self.graph_cfg = self.cfg.graph
         self.graphs_on = self.graph_cfg.active_on(ctx.device)
         self._lora_caches: dict[torch.dtype, LoraCache] = {}
         self._unbatched = itertools.count()
+
+    def _flux_precision(self, device: torch.device) -> str:
+        if self.cfg.flux_precision != "auto":
+            return self.cfg.flux_precision
+        if self.cfg.precision != "auto" or device.type != "cuda":
+            return self.precision
+        return "bf16"
 
     @property
     def batching(self) -> BatchPolicy:
@@ -115,7 +123,7 @@ class UnetFamily(ModelFamily[DiffusionModel, Step]):
 
     def load(self, name: str) -> DiffusionModel:
         path = self.ctx.roots.resolve(name, self.folders)
-        model = load_diffusion_model(name, path, self.precision, self.ctx.device)
+        model = load_diffusion_model(name, path, self.precision, self.ctx.device, self.arch_precision)
         log.info(
             "loaded %s model %s (%s, %.1f MiB, %.1f s)",
             model.family,
@@ -203,6 +211,7 @@ class UnetFamily(ModelFamily[DiffusionModel, Step]):
         runners = [m.runner for m in models if self.graphs_on]
         return {
             "precision": self.precision,
+            "precision_by_architecture": self.arch_precision,
             "batching_enabled": self.cfg.batching,
             "lora_cache": caches,
             "graphs": self.graph_cfg.status(self.ctx.device, runners),

@@ -22,6 +22,7 @@ from luna_stack.weights.checkpoint import detect, error_reason, load_shapes, loa
 from luna_stack.wire.errors import ModelLoadError
 
 from .arch import Architecture, DiffusionModel, Loaded, StateDict
+from .flux.arch import FluxArch
 from .precision import GGUF_PLAIN_TYPES, QuantizedWeight, compute_dtype, resident_bytes
 from .sd3.arch import Sd3Arch
 from .sd_unet import SdUnetArch
@@ -32,7 +33,7 @@ GGUF_MAGIC = b"GGUF"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Tried in order; the first that claims a file's keys builds it.
-ARCHITECTURES: tuple[Architecture, ...] = (SdUnetArch(), Sd3Arch())
+ARCHITECTURES: tuple[Architecture, ...] = (SdUnetArch(), FluxArch(), Sd3Arch())
 
 
 def _prefix(keys: object) -> str:
@@ -118,9 +119,16 @@ def read_diffusion_state_dict(path: Path) -> StateDict:
         raise ModelLoadError(f"cannot read {path.name}: {error_reason(exc)}") from None
 
 
-def load_diffusion_model(name: str, path: Path, precision: str, device: torch.device) -> DiffusionModel:
-    """Read `path` and build its network on `device` in `precision` (unless the file fixes it: GGUF weights
-    stay quantized and compute in `precision`'s dtype; fp8 files compute in bf16)."""
+def load_diffusion_model(
+    name: str,
+    path: Path,
+    precision: str,
+    device: torch.device,
+    per_architecture: Mapping[str, str] | None = None,
+) -> DiffusionModel:
+    """Read `path` and build its network on `device` in `precision`, or in `per_architecture[arch.name]`
+    for its architecture (unless the file fixes it: GGUF weights stay quantized and compute in the
+    precision's dtype; fp8 files compute in bf16)."""
     started = time.monotonic()
     sd = read_diffusion_state_dict(path)
     quant_types: dict[str, int] = {}  # GGUF files: tensors per storage type
@@ -129,6 +137,7 @@ def load_diffusion_model(name: str, path: Path, precision: str, device: torch.de
             kind = v.qtype.name if isinstance(v, QuantizedWeight) else str(v.dtype).removeprefix("torch.")
             quant_types[kind] = quant_types.get(kind, 0) + 1
     arch = architecture_of(sd, path.name)
+    precision = (per_architecture or {}).get(arch.name, precision)
     dtype = compute_dtype(precision)
     precision = detect_precision(sd, precision)
     if precision == "fp8":

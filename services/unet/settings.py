@@ -32,6 +32,12 @@ class UnetSettings:
         "GGUF files keep their quantization and compute in the core dtype; fp8 files stay fp8.",
         choices=("auto", "fp32", "fp16", "bf16", "fp8"),
     )
+    flux_precision: str = setting(
+        "auto",
+        "Weight storage of Flux models: auto (bf16 on CUDA, where Flux.1 is trained and fp16 overflows; "
+        "elsewhere as unet.precision; an explicit unet.precision wins), fp32, fp16, bf16, fp8.",
+        choices=("auto", "fp32", "fp16", "bf16", "fp8"),
+    )
     batching: bool = setting(True, "Merge concurrent steps of the same model and shape into one forward.")
     max_batch: int = setting(
         16, "Most latent rows in one forward; a single request with more rows is rejected.", minimum=1

@@ -50,6 +50,28 @@ def _integer(value: Any, name: str) -> int:
     return int(value)
 
 
+# Which models make latents of each channel count, for the mismatch message.
+_LATENT_MAKERS = {4: "SD1.x / SDXL", 16: "Flux / SD3"}
+
+
+def _check_channels(model: VaeModel, latent: torch.Tensor) -> None:
+    """A latent of another model family (4 vs 16 channels) is the user's wiring mistake: say so."""
+    want, got = model.latent_channels, latent.shape[1]
+    if got == want:
+        return
+    made_by = _LATENT_MAKERS.get(got)
+    raise InvalidTensor(
+        f"VAE {model.name} ({model.family}) decodes {want}-channel latents; this latent has {got} channels "
+        f"(shape {list(latent.shape)})",
+        hint=(
+            f"{got}-channel latents come from {made_by} models: decode with such a model's VAE"
+            if made_by
+            else f"this VAE takes latents [B, {want}, H/8, W/8]"
+        ),
+        details={"vae_latent_channels": want, "latent_channels": got},
+    )
+
+
 @dataclass(frozen=True)
 class Tiling:
     tile_y: int
@@ -146,7 +168,8 @@ class VaeFamily(ModelFamily[VaeModel, VaeWork]):
         op, model, tensors, params = request.op, request.model, request.tensors, request.params
         tiled = op.endswith("_tiled")
         if op.startswith("decode"):
-            tensor = require_tensor(tensors, "latent", rank=4, dims={1: model.latent_channels})
+            tensor = require_tensor(tensors, "latent", rank=4)
+            _check_channels(model, tensor)
             rows, height, width = tensor.shape[0], tensor.shape[2], tensor.shape[3]
             self._check_pixels(rows, height * VAE_SCALE, width * VAE_SCALE, tiled)
             tiling = self._tiling(params, VAE_SCALE) if tiled else None

@@ -1,6 +1,14 @@
 """A resident VAE: diffusers' AutoencoderKL built from a ComfyUI-layout file, run with ComfyUI's
 conventions (LATENT raw [B,C,H/8,W/8]; IMAGE float [B,H,W,3] in 0..1; encode x*2-1, decode
-clamp((x+1)/2, 0, 1); encode takes the posterior mean)."""
+clamp((x+1)/2, 0, 1); encode takes the posterior mean).
+
+C is 4 for SD1.x / SDXL VAEs and 16 for Flux's and SD3's. Those two are one architecture (128 wide,
+channel multipliers 1-2-4-4, 16 latent channels, no quant_conv / post_quant_conv), equal in every key
+and shape, so a standalone file's family is only its channel count ("16ch"); inside an all-in-one
+checkpoint the diffusion model beside it names the family ("flux", "sd3"). The latent stays raw either
+way: Flux's scale 0.3611 / shift 0.1159 and SD3's 1.5305 / 0.0609 are the diffusion model's latent
+format in ComfyUI (latent_formats.py), applied around sampling, never by the VAE.
+"""
 
 from __future__ import annotations
 
@@ -159,6 +167,12 @@ def load_vae(name: str, path: Path, device: torch.device, dtype: torch.dtype) ->
     if part.layout == "diffusers":
         vae_sd = ldm_layout.vae_diffusers_to_ldm(vae_sd)
     config = checkpoint.vae_config_from_state_dict(vae_sd)
+    downscale = 2 ** (len(config["block_out_channels"]) - 1)
+    if downscale != VAE_SCALE:
+        raise ModelLoadError(
+            f"{path.name}: a VAE that scales images by {downscale}, not {VAE_SCALE}",
+            hint="only 8x image VAEs (SD1.x, SDXL, SD3, Flux) are served",
+        )
     vae = AutoencoderKL(**config)
     try:
         vae.load_state_dict(convert_ldm_vae_checkpoint(vae_sd, config), strict=True)
@@ -168,11 +182,12 @@ def load_vae(name: str, path: Path, device: torch.device, dtype: torch.dtype) ->
         ) from None
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules this VAE does not have.
     torch.nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
-    model = VaeModel(name=name, path=path, family=info.family, vae=vae, device=device, dtype=dtype)
+    family = info.family if info.family != "unknown" else f"{config['latent_channels']}ch"
+    model = VaeModel(name=name, path=path, family=family, vae=vae, device=device, dtype=dtype)
     log.info(
         "loaded VAE %s (%s, %.1f MB, %s on %s)",
         name,
-        info.family,
+        family,
         model.bytes / 1e6,
         dtype_name(dtype),
         device,

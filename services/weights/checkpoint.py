@@ -21,11 +21,13 @@ from luna_stack.weights.ldm_layout import clip_hf_canonical
 from luna_stack.wire.errors import ModelLoadError
 
 Tensor = torch.Tensor
-Family = Literal["sd15", "sdxl", "unknown"]
-ComponentKind = Literal["unet", "vae", "clip_l", "clip_g"]
+Family = Literal["sd15", "sdxl", "flux", "sd3", "unknown"]
+ComponentKind = Literal["unet", "vae", "clip_l", "clip_g", "t5xxl"]
 # "ldm" for UNet / VAE in the original naming, "diffusers" for diffusers naming,
-# "hf" for transformers CLIP naming (`text_model.*`), "openclip" for OpenCLIP (`transformer.resblocks.*`).
-Layout = Literal["ldm", "diffusers", "hf", "openclip"]
+# "hf" for transformers CLIP naming (`text_model.*`), "openclip" for OpenCLIP (`transformer.resblocks.*`),
+# "bfl" for Black Forest Labs' Flux DiT naming (`double_blocks.*`), "sai" for Stability's SD3 MMDiT
+# naming (`joint_blocks.*`).
+Layout = Literal["ldm", "diffusers", "hf", "openclip", "bfl", "sai"]
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _DTYPES = {
@@ -130,7 +132,7 @@ class CheckpointInfo:
     family: Family
     # "checkpoint" for a single-file model with prefixed components, else the one component's kind
     # (a standalone vae/, clip/ or unet/ file), or "unknown" when nothing was recognised.
-    kind: Literal["checkpoint", "unet", "vae", "clip_l", "clip_g", "unknown"]
+    kind: Literal["checkpoint", "unet", "vae", "clip_l", "clip_g", "t5xxl", "unknown"]
     components: tuple[Component, ...]
 
     def get(self, kind: ComponentKind) -> Component | None:
@@ -149,16 +151,39 @@ _VAE_PREFIXES = ("first_stage_model.", "vae.", "")
 _CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 _CLIP_G_PREFIX = "conditioner.embedders.1.model."
 _HF_CLIP_TOKENS = ("text_model.embeddings.token_embedding.weight", "embeddings.token_embedding.weight")
+# SD3 / SD3.5 single files keep their text encoders in HF layout under these prefixes.
+_SD3_TEXT = {
+    "clip_l": "text_encoders.clip_l.transformer.",
+    "clip_g": "text_encoders.clip_g.transformer.",
+    "t5xxl": "text_encoders.t5xxl.transformer.",
+}
+_T5_KEYS = (
+    "shared.weight",
+    "encoder.final_layer_norm.weight",
+    "encoder.block.0.layer.0.SelfAttention.q.weight",
+)
 
 
 def _has_prefix(keys: set[str], prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
+# Keys that only the original Flux / SD3 DiTs have (ComfyUI's model_detection looks for the same blocks).
+_DIT_MARKERS: tuple[tuple[Layout, tuple[str, ...]], ...] = (
+    ("bfl", ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight")),
+    ("sai", ("joint_blocks.0.context_block.attn.qkv.weight", "x_embedder.proj.weight")),
+)
+# The family each diffusion-model layout is (SD UNets are told apart by unet_family).
+_DIT_FAMILY: dict[Layout, Family] = {"bfl": "flux", "sai": "sd3"}
+
+
 def _find_unet(keys: set[str]) -> Component | None:
     for prefix in _UNET_PREFIXES:
         if f"{prefix}input_blocks.0.0.weight" in keys and f"{prefix}out.2.weight" in keys:
             return Component("unet", prefix, "ldm")
+        for layout, markers in _DIT_MARKERS:
+            if all(f"{prefix}{marker}" in keys for marker in markers):
+                return Component("unet", prefix, layout)
     if "conv_in.weight" in keys and _has_prefix(keys, "down_blocks.") and _has_prefix(keys, "mid_block."):
         return Component("unet", "", "diffusers")
     return None
@@ -193,8 +218,15 @@ def _has_hf_clip(keys: set[str], prefix: str) -> bool:
     return any(f"{prefix}{name}" in keys for name in _HF_CLIP_TOKENS)
 
 
-def _find_clips(sd: Mapping[str, Tensor], keys: set[str]) -> list[Component]:
+def _find_text_encoders(sd: Mapping[str, Tensor], keys: set[str]) -> list[Component]:
     found = [Component("clip_l", prefix, "hf") for prefix in _CLIP_L_PREFIXES if _has_hf_clip(keys, prefix)]
+    for kind, prefix in _SD3_TEXT.items():
+        if kind == "t5xxl" and all(f"{prefix}{k}" in keys for k in _T5_KEYS):
+            found.append(Component("t5xxl", prefix, "hf"))
+        elif kind != "t5xxl" and _has_hf_clip(keys, prefix):
+            found.append(Component(kind, prefix, "hf"))  # type: ignore[arg-type]
+    if all(k in keys for k in _T5_KEYS):
+        found.append(Component("t5xxl", "", "hf"))
     if f"{_CLIP_G_PREFIX}token_embedding.weight" in keys:
         found.append(Component("clip_g", _CLIP_G_PREFIX, "openclip"))
     if _has_hf_clip(keys, ""):
@@ -227,11 +259,15 @@ def detect(state_dict: Mapping[str, Tensor]) -> CheckpointInfo:
     vae = _find_vae(keys)
     if vae:
         components.append(vae)
-    components.extend(_find_clips(state_dict, keys))
+    components.extend(_find_text_encoders(state_dict, keys))
 
     family: Family = "unknown"
     if unet and unet.layout == "ldm":
         family = unet_family(component(state_dict, unet.prefix))
+    elif unet and unet.layout in _DIT_FAMILY:
+        family = _DIT_FAMILY[unet.layout]
+    elif any(c.prefix.startswith("text_encoders.") for c in components):
+        family = "sd3"
     elif any(c.prefix == _CLIP_G_PREFIX for c in components):
         family = "sdxl"
     elif any(c.prefix == _CLIP_L_PREFIXES[0] for c in components):
@@ -357,4 +393,31 @@ def clip_config_from_state_dict(
         "hidden_act": "gelu" if kind == "clip_g" else "quick_gelu",
         "bos_token_id": 49406,
         "eos_token_id": 49407,
+    }
+
+
+def t5_config_from_state_dict(sd_hf: Mapping[str, Tensor]) -> dict[str, Any]:
+    """transformers T5Config kwargs (encoder only) from HF-named T5 weights (prefix stripped).
+
+    Heads and buckets come from the relative attention bias [buckets, heads]; a gated feed-forward
+    (`wi_0` / `wi_1`, T5 v1.1) uses tanh-approximated GELU, the original T5's single `wi` ReLU."""
+    tokens = _require(sd_hf, "shared.weight", "T5")
+    block = "encoder.block.0.layer."
+    bias = _require(sd_hf, f"{block}0.SelfAttention.relative_attention_bias.weight", "T5")
+    buckets, heads = bias.shape
+    gated = f"{block}1.DenseReluDense.wi_0.weight" in sd_hf
+    wi = sd_hf[f"{block}1.DenseReluDense.wi_0.weight" if gated else f"{block}1.DenseReluDense.wi.weight"]
+    return {
+        "vocab_size": tokens.shape[0],
+        "d_model": tokens.shape[1],
+        "d_kv": sd_hf[f"{block}0.SelfAttention.q.weight"].shape[0] // heads,
+        "d_ff": wi.shape[0],
+        "num_layers": len(_indices(sd_hf, r"encoder\.block\.(\d+)\.")),
+        "num_heads": heads,
+        "relative_attention_num_buckets": buckets,
+        "relative_attention_max_distance": 128,
+        "feed_forward_proj": "gated-gelu" if gated else "relu",
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "dropout_rate": 0.0,
     }

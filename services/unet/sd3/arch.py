@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from diffusers import SD3Transformer2DModel
 
+from luna_stack.lora.resolve import register_aliases
 from luna_stack.wire.contract import VAE_SCALE
 from luna_stack.wire.errors import BadRequest, InvalidTensor, LimitExceeded
 from luna_stack.wire.tensors import require_tensor
@@ -25,12 +26,15 @@ from luna_stack.wire.tensors import require_tensor
 from ..arch import Architecture, DiffusionModel, Loaded, StateDict, StepInputs, Tensor
 from ..precision import QuantizedWeight, install_gguf_weights, load_weights
 from .forward import mmdit_forward, patches
-from .layout import claims_keys, config_from_keys, sai_to_diffusers
+from .layout import claims_keys, config_from_keys, module_aliases, sai_to_diffusers
 
 CONTEXT = 154  # ComfyUI's SD3 prompt: 77 CLIP tokens ++ 77 T5 tokens (what start-time captures assume)
 MAX_CONTEXT = 2048  # tokens: attention cost grows with their square
 NATIVE_LATENT = (128, 128)  # 1024² images
 _CONTROL = re.compile(r"control\.output\.(\d+)")
+# fp8: every Linear stays e4m3, the adaLN modulations too (diffusers' default skip list, "norm", would hold
+# them in bf16, ~30% of SD3; ComfyUI keeps them fp8); the patch embedding and its table compute in bf16.
+FP8_SKIP = ("pos_embed",)
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,7 @@ class Sd3Arch(Architecture):
         if how.precision == "gguf":
             install_gguf_weights(module, converted, how.dtype, how.device)
         else:
-            load_weights(module, converted, how.precision, how.device)
+            load_weights(module, converted, how.precision, how.device, fp8_skip=FP8_SKIP)
         module.eval().requires_grad_(False)
+        register_aliases(module, "unet", module_aliases(cfg))  # SAI-named LoRA files (fused qkv)
         return Sd3Model(how.name, how.path, module, how.precision, how.dtype, how.device, 0, 0.0)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from luna_stack.lora.resolve import AliasPart
 from luna_stack.wire.errors import ModelLoadError
 
 from ..precision import QuantizedWeight
@@ -169,6 +170,25 @@ def _entries(cfg: Sd3Config) -> Iterator[_Entry]:
             yield _Entry(f"{s}.context_block.attn.proj", (f"{d}.attn.to_add_out",))
             yield _Entry(f"{s}.context_block.mlp.fc1", (f"{d}.ff_context.net.0.proj",))
             yield _Entry(f"{s}.context_block.mlp.fc2", (f"{d}.ff_context.net.2",))
+
+
+def module_aliases(cfg: Sd3Config) -> dict[str, tuple[AliasPart, ...]]:
+    """SAI module path -> the diffusers modules computing its output rows: what `lora_unet_<SAI path>`
+    (kohya) and `diffusion_model.<SAI path>` LoRA files name (ComfyUI's SD3 key map reads both)."""
+    h = cfg.hidden
+    aliases: dict[str, tuple[AliasPart, ...]] = {}
+    for entry in _entries(cfg):
+        if entry.sai == "pos_embed" or ".ln_" in entry.sai:
+            continue  # a buffer and RMSNorm scales: nothing a LoRA adapts
+        if entry.kind == "qkv":
+            aliases[entry.sai] = tuple(
+                AliasPart(d, ((i * h, (i + 1) * h),)) for i, d in enumerate(entry.diffusers)
+            )
+        elif entry.kind == "swap":  # diffusers' rows are SAI's second half, then its first
+            aliases[entry.sai] = (AliasPart(entry.diffusers[0], ((h, 2 * h), (0, h))),)
+        else:
+            aliases[entry.sai] = (AliasPart(entry.diffusers[0]),)
+    return aliases
 
 
 def _suffixes(entry: _Entry) -> tuple[str, ...]:
