@@ -3,13 +3,16 @@
 
 ComfyUI's call is `diffusion_model(x, timesteps, context, y, control)` with timesteps from its
 ModelSamplingDiscreteFlow (sigma × 1000); the service must give the same output for the same tensors:
-whole-patch and odd latents (padded, cropped), ControlNet residuals on every block, in fp32.
+whole-patch and odd latents (padded, cropped), ControlNet residuals on every block, in fp32. Also: LoRA
+files in four namings through ComfyUI's LoRA loader vs the service, and KSampler over the pack's Shared
+UNet Loader (the session harness's pack and services) vs KSampler over ComfyUI's own model.
 
 Needs COMFYUI_PATH (a ComfyUI checkout) and a Python with ComfyUI's requirements; see docs/comfyui.md.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +106,7 @@ async def test_service_step_equals_comfyuis_mmdit(
 def test_shared_unet_loader_samples_like_comfyuis_own(comfy: ComfyRuntime, comfy_sd: Any) -> None:
     """KSampler over the pack's Shared UNet Loader MODEL (ComfyUI's own SD3 BaseModel: flow shift 3,
     sgm_uniform sigmas, CFG) equals KSampler over ComfyUI's locally loaded copy of the same file."""
-    import comfy.sample
-
+    sample = importlib.import_module("comfy.sample")  # (`comfy` is the harness here)
     variant = "sd3.5-large"
     file = f"proxy-{sd3_file_name(variant)}"
     path = write_sd3(comfy.models / "unet" / file, variant, seed=4, dtype=torch.float32)  # the shared folder
@@ -122,7 +124,7 @@ def test_shared_unet_loader_samples_like_comfyuis_own(comfy: ComfyRuntime, comfy
     noise = torch.randn(latent.shape, generator=gen)
     try:
         runs = {
-            which: comfy.sample.sample(
+            which: sample.sample(
                 model,
                 noise,
                 3,
