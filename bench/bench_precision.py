@@ -27,8 +27,8 @@ from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.fixtures import unet_config
 from luna_stack.gpu.device import select_device
 from luna_stack.unet.convert import TARGETS, default_output, write_copy
-from luna_stack.unet.precision import PRECISIONS
 from luna_stack.unet.sd_unet import SdUnet
+from luna_stack.weights.precision import PRECISIONS
 
 from .common import median_ms, print_table, timed_sync
 from .unet_common import (

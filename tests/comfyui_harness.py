@@ -159,8 +159,10 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyRuntime]:
             folder_paths.add_model_folder_path(comfy_folder, str(models / folder))
         for folder in ("checkpoints", "loras"):
             folder_paths.add_model_folder_path(folder, str(comfy_only / folder))
-        # CLIPTextEncodeSDXL; SamplerCustom, KSamplerSelect, BasicScheduler; FreeU (a local UNet patch)
-        for extra in ("nodes_clip_sdxl.py", "nodes_custom_sampler.py", "nodes_freelunch.py"):
+        # CLIPTextEncodeSDXL; SamplerCustom, KSamplerSelect, BasicScheduler; FreeU (a local UNet patch);
+        # the Flux / SD3 examples' CLIPTextEncodeFlux, FluxGuidance, EmptySD3LatentImage, ModelSampling*
+        extras = ("nodes_clip_sdxl.py", "nodes_custom_sampler.py", "nodes_freelunch.py", "nodes_flux.py")
+        for extra in (*extras, "nodes_sd3.py", "nodes_model_advanced.py"):
             path = os.path.join(COMFYUI_PATH, "comfy_extras", extra)
             assert asyncio.run(nodes.load_custom_node(path, module_parent="comfy_extras"))
         assert asyncio.run(nodes.load_custom_node(str(ROOT / "comfy_nodes")))

@@ -66,6 +66,13 @@ def layout(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/sd15-small.safetensors",
         "unet/sd_xl_base_1.0_unet.safetensors": "unet/sdxl-small-unet.safetensors",
         "vae/sdxl_vae.safetensors": "vae/sdxl-small-vae.safetensors",
+        "unet/flux1-dev.safetensors": "unet/flux-dev-small.safetensors",
+        "unet/flux1-schnell.safetensors": "unet/flux-schnell-small.safetensors",
+        "unet/sd3.5_large.safetensors": "unet/sd3.5-large-small.safetensors",
+        "clip/t5xxl_fp16.safetensors": "clip/t5xxl.safetensors",
+        "clip/t5xxl_fp8_e4m3fn.safetensors": "clip/t5xxl.safetensors",
+        "vae/ae.safetensors": "vae/flux-small-ae.safetensors",
+        "vae/sd3.5_vae.safetensors": "vae/sd3-small-vae.safetensors",
     }
     for name, source in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

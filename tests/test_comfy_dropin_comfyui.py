@@ -135,12 +135,22 @@ def test_examples_validate_in_comfyui_without_edits(dropin: ComfyRuntime) -> Non
         "unet/sd_xl_base_1.0_unet.safetensors": "unet/sd15-small-unet.safetensors",
         "vae/sdxl_vae.safetensors": "vae/sd15-small-vae.safetensors",
         "loras/my_style.safetensors": "loras/sd15-lora.safetensors",
+        # Flux / SD3 examples: validation asks only that the services list the files
+        "unet/flux1-dev.safetensors": "unet/sd15-small-unet.safetensors",
+        "unet/flux1-schnell.safetensors": "unet/sd15-small-unet.safetensors",
+        "unet/sd3.5_large.safetensors": "unet/sd15-small-unet.safetensors",
+        "clip/clip_l.safetensors": "checkpoints/" + CKPT,
+        "clip/clip_g.safetensors": "checkpoints/" + CKPT,
+        "clip/t5xxl_fp16.safetensors": "checkpoints/" + CKPT,
+        "clip/t5xxl_fp8_e4m3fn.safetensors": "checkpoints/" + CKPT,
+        "vae/ae.safetensors": "vae/sd15-small-vae.safetensors",
+        "vae/sd3.5_vae.safetensors": "vae/sd15-small-vae.safetensors",
     }
     for name, source in named.items():
         if not (dropin.models / name).exists():
             os.link(dropin.models / source, dropin.models / name)
     examples = sorted((ROOT / "examples").glob("*.json"))
-    assert len(examples) == 4
+    assert len(examples) == 7
     for path in examples:
         prompt = json.loads(path.read_text())
         ok, error, outputs, node_errors = asyncio.run(

@@ -33,8 +33,8 @@ from luna_stack.unet.flux.layout import (
     take_rows,
 )
 from luna_stack.unet.loader import load_diffusion_model
-from luna_stack.unet.precision import QuantizedWeight
 from luna_stack.unet.step_runner import build_runner
+from luna_stack.weights.precision import QuantizedWeight
 from luna_stack.wire.errors import BadRequest, LunaError
 
 CPU = torch.device("cpu")

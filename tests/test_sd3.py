@@ -19,11 +19,12 @@ from luna_stack.devtools.lora_fixtures import write_lora
 from luna_stack.unet.arch import Loaded
 from luna_stack.unet.convert import convert, write_fp8
 from luna_stack.unet.family import build
-from luna_stack.unet.loader import load_diffusion_model, read_gguf_model
+from luna_stack.unet.loader import load_diffusion_model
 from luna_stack.unet.sd3.arch import Sd3Arch, Sd3Model
 from luna_stack.unet.sd3.forward import mmdit_forward
 from luna_stack.unet.sd3.layout import config_from_keys, diffusers_to_sai, sai_to_diffusers
 from luna_stack.weights.checkpoint import load_shapes
+from luna_stack.weights.gguf_file import read_gguf
 from luna_stack.wire.errors import LunaError
 
 from .conftest import make_settings
@@ -206,7 +207,7 @@ def test_q8_0_gguf_stays_quantized_within_bound(tmp_path: Path, models_dir: Path
     sd = load_file(models_dir / MODELS["sd3.5-medium"])
     path = tmp_path / "sd35m-Q8_0.gguf"
     write_gguf(path, sd, "sd3", lambda key, data: Q.Q8_0)
-    assert read_gguf_model(path)[1] == "sd3"
+    assert read_gguf(path)[1] == "sd3"
     model = load(path)
     assert model.precision == "gguf" and model.quant_types["Q8_0"] > 10
     to_k = model.module.transformer_blocks[0].attn2.to_k
@@ -358,7 +359,7 @@ def test_convert_writes_sd3_copies(tmp_path: Path, models_dir: Path, target: str
     model = load(out)
     assert model.precision == ("fp8" if target == "fp8" else "gguf")
     if target != "fp8":
-        sd, arch = read_gguf_model(out)
+        sd, arch = read_gguf(out)
         assert arch == "sd3" and "joint_blocks.0.x_block.attn.qkv.weight" in sd
 
 

@@ -12,8 +12,8 @@ from torch.nn.utils import parametrize
 
 from luna_stack.unet.convert import convert
 from luna_stack.unet.loader import load_diffusion_model
-from luna_stack.unet.precision import dequantize_raw
 from luna_stack.unet.step import unet_forward
+from luna_stack.weights.precision import dequantize_raw
 
 from .test_unet_support import (
     Q,

@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 
 from luna_stack.lora.side import LoraSlots, attach_side_paths
-from luna_stack.unet.precision import QuantizedWeight
 from luna_stack.weights.checkpoint import detect, load_shapes, load_state_dict
 from luna_stack.weights.ldm_layout import clip_hf_canonical, clip_openclip_to_hf
 from luna_stack.weights.paths import ModelRoots
+from luna_stack.weights.precision import QuantizedWeight
 from luna_stack.wire.errors import BadRequest, ModelLoadError
 from luna_stack.wire.tensors import dtype_name
 

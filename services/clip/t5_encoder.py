@@ -11,7 +11,7 @@ so the two agree to float32 rounding, not bitwise.
 
 GGUF files in city96's ComfyUI-GGUF convention (llama.cpp names `enc.blk.N.attn_q.weight`,
 `token_embd.weight`, ...; its loader's clip_sd_map) load too: quantized weights stay resident as their
-GGUF blocks and dequantize to float32 at each use (unet/precision.py's parametrization); the embedding is
+GGUF blocks and dequantize to float32 at each use (weights/precision.py's parametrization); the embedding is
 dequantized once, as ComfyUI-GGUF does.
 """
 
@@ -23,9 +23,9 @@ import torch
 from diffusers.hooks.layerwise_casting import apply_layerwise_casting, apply_layerwise_casting_hook
 from transformers import T5Config, T5EncoderModel
 
-from luna_stack.unet.loader import read_gguf_model
-from luna_stack.unet.precision import QuantizedWeight, install_gguf_weights
 from luna_stack.weights.checkpoint import t5_config_from_state_dict
+from luna_stack.weights.gguf_file import read_gguf
+from luna_stack.weights.precision import QuantizedWeight, install_gguf_weights
 from luna_stack.wire.errors import ModelLoadError
 
 from .encoders import ForwardOutput, to_device
@@ -60,7 +60,7 @@ Weights = Mapping[str, torch.Tensor | QuantizedWeight]
 
 def read_gguf_t5(path) -> dict[str, torch.Tensor | QuantizedWeight]:
     """A ComfyUI-GGUF T5 encoder file's tensors under HF names (quantized ones as QuantizedWeight)."""
-    raw, _ = read_gguf_model(path)
+    raw, _ = read_gguf(path)
     if "enc.blk.0.attn_q.weight" not in raw:
         raise ModelLoadError(
             f"{path.name} is not a T5 encoder GGUF",

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .precision import QuantizedWeight
+from luna_stack.weights.precision import QuantizedWeight
 
 Tensor = torch.Tensor
 # A file's tensors by name (prefix stripped); GGUF weights may stay quantized.

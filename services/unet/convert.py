@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 from luna_stack.gpu.device import select_device
+from luna_stack.weights.precision import FP8_STORAGE
 
 from .arch import DiffusionModel
 from .loader import architecture_of, load_diffusion_model, read_safetensors_model
-from .precision import FP8_STORAGE
 
 GGUF_TARGETS = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16")
 TARGETS = ("fp8", *GGUF_TARGETS)

@@ -10,26 +10,22 @@ shapes (arch.py), so the same code loads a real file and a small random-weight f
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import gguf
-import numpy as np
 import torch
 
 from luna_stack.weights.checkpoint import detect, error_reason, load_shapes, load_state_dict
+from luna_stack.weights.gguf_file import is_gguf, read_gguf
+from luna_stack.weights.precision import QuantizedWeight, compute_dtype, resident_bytes
 from luna_stack.wire.errors import ModelLoadError
 
 from .arch import Architecture, DiffusionModel, Loaded, StateDict
 from .flux.arch import FluxArch
-from .precision import GGUF_PLAIN_TYPES, QuantizedWeight, compute_dtype, resident_bytes
 from .sd3.arch import Sd3Arch
 from .sd_unet import SdUnetArch
 
 LDM_PREFIX = "model.diffusion_model."
-ORIG_SHAPE_FIELD = "comfy.gguf.orig_shape."
-GGUF_MAGIC = b"GGUF"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Tried in order; the first that claims a file's keys builds it.
@@ -43,38 +39,6 @@ def _prefix(keys: object) -> str:
 def read_safetensors_model(path: Path) -> dict[str, torch.Tensor]:
     """The diffusion-model tensors of a checkpoint or standalone file, prefix stripped."""
     return load_state_dict(path, prefix=_prefix(load_shapes(path)))
-
-
-def _orig_shape(reader: gguf.GGUFReader, name: str) -> torch.Size | None:
-    fld = reader.get_field(ORIG_SHAPE_FIELD + name)
-    if fld is None:
-        return None
-    return torch.Size(int(fld.parts[i][0]) for i in fld.data)
-
-
-def read_gguf_model(path: Path) -> tuple[StateDict, str | None]:
-    """GGUF tensors by name (prefix stripped) and the file's `general.architecture`."""
-    reader = gguf.GGUFReader(str(path))
-    arch_field = reader.get_field("general.architecture")
-    arch = str(arch_field.parts[arch_field.data[-1]], encoding="utf-8") if arch_field else None
-    sd: StateDict = {}
-    for t in reader.tensors:
-        name = t.name.removeprefix(LDM_PREFIX)
-        shape = _orig_shape(reader, t.name) or torch.Size(int(v) for v in reversed(t.shape))
-        with warnings.catch_warnings():  # the reader's arrays are read-only views of the mmap; we copy
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            data = torch.from_numpy(np.array(t.data))
-        qtype = gguf.GGMLQuantizationType(t.tensor_type)
-        if qtype in GGUF_PLAIN_TYPES:
-            sd[name] = data.view(GGUF_PLAIN_TYPES[qtype]).reshape(shape)
-        else:
-            sd[name] = QuantizedWeight(data.view(torch.uint8), qtype, shape)
-    return sd, arch
-
-
-def is_gguf(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == GGUF_MAGIC
 
 
 def detect_precision(sd: StateDict, requested: str) -> str:
@@ -111,7 +75,7 @@ def read_diffusion_state_dict(path: Path) -> StateDict:
     """A file's diffusion-model tensors (safetensors or GGUF), prefix stripped; corrupt files -> 4xx."""
     try:
         if is_gguf(path):
-            return read_gguf_model(path)[0]
+            return read_gguf(path, LDM_PREFIX)[0]
         return dict(read_safetensors_model(path))
     except ModelLoadError:
         raise

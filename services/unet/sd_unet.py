@@ -16,11 +16,11 @@ from diffusers import UNet2DConditionModel
 
 from luna_stack.weights.checkpoint import unet_config_from_state_dict, unet_family
 from luna_stack.weights.ldm_layout import unet_ldm_to_diffusers
+from luna_stack.weights.precision import install_gguf_weights, load_weights
 from luna_stack.wire.errors import BadRequest, ModelLoadError
 from luna_stack.wire.tensors import require_tensor
 
 from .arch import Architecture, DiffusionModel, Loaded, StateDict, StepInputs, Tensor
-from .precision import install_gguf_weights, load_weights
 from .step import BlockResiduals, check_control, control_from_wire, input_block_shapes, unet_forward
 
 CONTEXT = 77  # one prompt chunk: what start-time captures assume

@@ -18,11 +18,11 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from luna_stack.lora.resolve import register_aliases
+from luna_stack.weights.precision import install_gguf_weights, load_weights
 from luna_stack.wire.errors import BadRequest, InvalidTensor, LimitExceeded, ModelLoadError
 from luna_stack.wire.tensors import require_tensor
 
 from ..arch import Architecture, DiffusionModel, Loaded, StateDict, StepInputs
-from ..precision import install_gguf_weights, load_weights
 from .forward import flux_forward, token_grid
 from .layout import FluxConfig, bfl_to_diffusers, infer_config, is_flux, module_map
 

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 
 from luna_stack.lora.resolve import AliasPart
+from luna_stack.weights.precision import QuantizedWeight
 from luna_stack.wire.errors import ModelLoadError
-
-from ..precision import QuantizedWeight
 
 PATCH = 2  # Flux.1 patchifies latents 2x2: 16 latent channels are 64 token channels
 Modules = dict[str, tuple[AliasPart, ...]]

@@ -19,12 +19,12 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from luna_stack.lora.resolve import register_aliases
+from luna_stack.weights.precision import QuantizedWeight, install_gguf_weights, load_weights
 from luna_stack.wire.contract import VAE_SCALE
 from luna_stack.wire.errors import BadRequest, InvalidTensor, LimitExceeded
 from luna_stack.wire.tensors import require_tensor
 
 from ..arch import Architecture, DiffusionModel, Loaded, StateDict, StepInputs, Tensor
-from ..precision import QuantizedWeight, install_gguf_weights, load_weights
 from .forward import mmdit_forward, patches
 from .layout import claims_keys, config_from_keys, module_aliases, sai_to_diffusers
 

@@ -22,9 +22,8 @@ from typing import Any, Literal
 import torch
 
 from luna_stack.lora.resolve import AliasPart
+from luna_stack.weights.precision import QuantizedWeight
 from luna_stack.wire.errors import ModelLoadError
-
-from ..precision import QuantizedWeight
 
 HEAD_DIM = 64
 Kind = Literal["plain", "qkv", "swap"]  # one tensor / fused rows q,k,v / (shift, scale) <-> (scale, shift)

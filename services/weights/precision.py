@@ -1,4 +1,5 @@
-"""How a UNet's weights are stored and computed: fp32/fp16/bf16, fp8 storage, GGUF quantized storage.
+"""How a network's weights are stored and computed (diffusion models, T5): fp32/fp16/bf16, fp8
+storage, GGUF quantized storage.
 
 - fp8: weights stored as float8_e4m3fn and upcast per layer to bf16 for the matmul (diffusers'
   layerwise casting; norms stay bf16). Halves fp16 memory; e4m3 keeps 3 mantissa bits.
