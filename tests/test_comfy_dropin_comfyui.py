@@ -433,7 +433,7 @@ def test_the_repository_installs_into_a_comfyui_checkout_as_a_pack(tmp_path: Pat
     assert Path(result["luna_stack"]) == pack / "services" / "__init__.py"
     assert result["dirs"] == {"luna-stack": str(pack)}
     assert Path(result["web"]["luna-stack"]) == pack / "web"
-    assert len(result["nodes"]) == 12 and "LunaStackCheckpointLoader" in result["nodes"]
+    assert len(result["nodes"]) == 13 and "LunaStackTripleCLIPLoader" in result["nodes"]
     assert result["routed"] is True  # zero-edit routing installed (off until enabled)
     failed = [line for line in loaded.stderr.splitlines() if "IMPORT FAILED" in line and "luna-stack" in line]
     assert failed == [], loaded.stderr[-4000:]

@@ -66,7 +66,7 @@ def test_graph_replay_equals_eager_and_the_cpu_forward(
         model, graph_config(buckets=(1, 2, 4), slots=2, rank=8), Metrics("unet").graph_forwards
     )
     lora = LoraCache(1 << 28, CUDA, model.dtype).resolve(lora_path, model.module, "unet")
-    assert runner.cuda_graphs
+    assert runner.cuda_graphs and runner.enabled == (precision != "fp8")  # fp8 steps eager (step_runner.py)
     shapes = [Sd3Shape(16, 16, 12), Sd3Shape(15, 21, 20, (0, 1))]  # odd latent + ControlNet residuals
     runner.warm_up(shapes)
     for shape in shapes:
@@ -77,7 +77,11 @@ def test_graph_replay_equals_eager_and_the_cpu_forward(
                 stacks = [(1, stack if i % 2 == 0 else ()) for i in range(rows)]
                 graph = runner.run(shape, parts, stacks).clone()
                 eager = runner.run_eager(shape, parts, stacks)
-                assert rel_err(graph, eager) < TOL, (shape, rows, stack, rel_err(graph, eager))
+                # The bank and the side path add a LoRA in another order. Measured on the H200 in fp16 with
+                # this strength-4 LoRA: 5.5e-3 with qk-norm (SD3.5), 2.1e-2 without (SD3: unnormalised
+                # attention logits amplify the rounding); in fp32 on the CPU the two paths agree exactly.
+                tol = TOL if not stack else 6 * TOL
+                assert rel_err(graph, eager) < tol, (shape, rows, stack, rel_err(graph, eager))
                 if not stack:
                     with torch.inference_mode():
                         ref = cpu.forward(shape, {k: torch.cat(v) for k, v in parts.items()})

@@ -120,7 +120,9 @@ class GraphRunner:
     # -- capture --------------------------------------------------------------------------------------
     def warm_up(self, shapes: Iterable[Hashable]) -> None:
         """Capture every bucket of `shapes` (largest first: the smaller ones then fit in the shared pool),
-        without the LoRA bank and with each of its slot windows."""
+        without the LoRA bank and with each of its slot windows. Nothing when graphs are off."""
+        if not self.enabled:
+            return
         windows: list[Window | None] = [None, *(self.bank.windows if self.bank is not None else [])]
         for shape in shapes:
             for rows in sorted(self.config.buckets, reverse=True):

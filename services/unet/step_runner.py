@@ -19,6 +19,10 @@ def build_runner(
     model: DiffusionModel, config: GraphConfig, counter: Any = None, *, graphs: bool = True
 ) -> GraphRunner:
     slots = attach_side_paths(model.module)
+    # fp8 layerwise casting swaps each layer's weight for an upcast copy inside its forward and back
+    # after it: a captured graph would go on reading storage the next cast frees (an illegal memory
+    # access on the H200), so fp8 models step eager.
+    graphs = graphs and model.precision != "fp8"
     bank = None
     if graphs and config.lora_slots:
         bank = LoraBank(slots, config.lora_slots, config.lora_rank, model.dtype, model.device)
