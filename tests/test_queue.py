@@ -47,7 +47,7 @@ async def test_failed_job_carries_its_error(models_dir: Path, redis_url: str, st
     start_service(build, make_settings(models_dir, LUNA_REDIS_URL=redis_url))
     async with AsyncClient("vae", redis_url=redis_url) as client:
         job = await client.submit("decode", {"latent": torch.randn(1, 3, 8, 8)}, {"model": VAE})
-        with pytest.raises(Exception, match="dimension 1") as info:
+        with pytest.raises(Exception, match="this latent has 3 channels") as info:
             await client.wait(job, timeout_s=60)
         assert info.value.status == 400
 
