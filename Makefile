@@ -69,7 +69,7 @@ test-comfyui: venv ## the integration tests against real ComfyUI (COMFYUI_PATH=.
 	COMFYUI_PATH=$(COMFYUI_PATH) $(COMFYUI_PYTHON) -m pytest -q -p no:cacheprovider \
 		tests/test_comfy_integration.py tests/test_comfy_dropin_comfyui.py tests/test_comfy_vae16_comfyui.py \
 		tests/test_comfy_text_comfyui.py tests/test_comfy_flux_comfyui.py \
-		tests/test_comfy_sd3_comfyui.py
+		tests/test_comfy_sd3_comfyui.py tests/test_comfy_flux_workflow_comfyui.py
 
 screenshot: venv ## the status page in headless Chromium, saved to docs/status-page.png
 	LUNA_REQUIRE_BROWSER=1 LUNA_STATUS_SCREENSHOT=docs/status-page.png $(BIN)/pytest -q tests/test_status_page.py

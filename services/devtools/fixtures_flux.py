@@ -64,10 +64,19 @@ class _ToBfl:
         return out
 
 
-def flux_part(variant: Variant, size: Size, seed: int, prefix: str = "") -> _Part:
+def flux_shallow(depth: int = 1, depth_single: int = 1) -> FluxConfig:
+    """Flux.1-dev's full widths (ComfyUI's loader accepts no other) with few blocks: a file of about 0.6 B
+    parameters that runs through ComfyUI's own loader on a CPU."""
+    return dataclasses.replace(FLUX1_DEV, depth=depth, depth_single=depth_single)
+
+
+def flux_part(
+    variant: Variant, size: Size, seed: int, prefix: str = "", config: FluxConfig | None = None
+) -> _Part:
+    """The model part of a file; `config` (e.g. flux_shallow()) overrides the variant's and size's."""
     from diffusers import FluxTransformer2DModel
 
-    config = flux_config(variant, size)
+    config = config or flux_config(variant, size)
     return _Part(
         _on_meta(lambda: FluxTransformer2DModel(**config.diffusers_kwargs())),
         _ToBfl(config),
@@ -82,9 +91,10 @@ def write_flux(
     size: Size = "small",
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
+    config: FluxConfig | None = None,
 ) -> Path:
     """A standalone Flux.1 file (unet/ or diffusion_models/) in BFL naming, no prefix."""
-    part = flux_part(variant, size, seed)
+    part = flux_part(variant, size, seed, config=config)
     return _write(Path(path), [part], dtype, _metadata("unet", f"flux-{variant}", size, seed))
 
 
