@@ -107,3 +107,16 @@ def test_every_service_is_a_family_of_the_one_contract() -> None:
         assert family.kind == kind
         assert tuple(family.ops) == OPS[kind]  # the wire contract names the ops the family serves
         assert callable(module.build)
+
+
+def test_the_wheel_lists_every_package_of_the_tree() -> None:
+    """setuptools' explicit package list must name each folder of services/ (a missing one ships a wheel
+    whose imports fail only in the containers)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tree = {
+        ".".join(("luna_stack", *p.parent.relative_to(PACKAGE).parts))
+        for p in PACKAGE.rglob("__init__.py")
+        if "data" not in p.parts
+    }
+    assert tree == listed
