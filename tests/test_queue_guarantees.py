@@ -57,21 +57,22 @@ async def _stop(*tasks: asyncio.Task) -> None:
 
 async def test_read_ahead_with_a_short_claim_timeout_computes_every_job_once(redis_url: str) -> None:
     """Two workers read up to 4 jobs beyond the 2 they run; a read-ahead job waits ~3 compute times
-    (450 ms) for a slot, longer than the 300 ms claim timeout, and must still run only once."""
+    (900 ms) for a slot, longer than the 600 ms claim timeout, and must still run only once. (At 300 ms,
+    renewals every 100 ms, an event loop stalled by the rest of the suite on 2 cores lost claims.)"""
     redis = connect(redis_url)
-    queue = JobQueue(redis, "t", claim_idle_ms=300)
+    queue = JobQueue(redis, "t", claim_idle_ms=600)
     await queue.ensure_group()
     calls: collections.Counter[bytes] = collections.Counter()
     outcomes: collections.Counter[str] = collections.Counter()
 
     async def handler(op: str, payload: bytes) -> bytes:
         calls[payload] += 1
-        await asyncio.sleep(0.15)  # the compute being simulated, not synchronisation
+        await asyncio.sleep(0.3)  # the compute being simulated, not synchronisation
         return b"out-" + payload
 
     workers = [
         QueueWorker(
-            JobQueue(redis, "t", claim_idle_ms=300),
+            JobQueue(redis, "t", claim_idle_ms=600),
             f"w{i}",
             handler,
             concurrency=2,
@@ -92,7 +93,7 @@ async def test_read_ahead_with_a_short_claim_timeout_computes_every_job_once(red
     states = await _all_states(redis, job_ids)
     computed_twice = sum(1 for c in calls.values() if c > 1)
     print(
-        f"\nread-ahead 4, claim timeout 300 ms, 2 workers x 2 slots: {n} jobs, {sum(calls.values())} "
+        f"\nread-ahead 4, claim timeout 600 ms, 2 workers x 2 slots: {n} jobs, {sum(calls.values())} "
         f"handler calls, {computed_twice} computed twice, {outcomes['duplicate']} duplicate results "
         f"dropped, {elapsed:.2f} s"
     )
