@@ -35,20 +35,6 @@ EXTRAS = ("nodes_flux.py", "nodes_sd3.py", "nodes_model_advanced.py", "nodes_cus
 SINK = "BenchImageSink"
 
 
-class _Server:
-    """What PromptExecutor needs of ComfyUI's PromptServer."""
-
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
-        return None
-
-    def queue_updated(self) -> None:
-        return None
-
-
 def _sink_node(kept: dict[str, Any]) -> type:
     """An output node that finishes the image (a host copy, as SaveImage's) without writing a file."""
 
@@ -86,7 +72,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from tests.comfyui_import import import_comfyui  # ComfyUI headless, torchvision's gaps covered
+    from tests.comfyui_import import PromptServerStub, import_comfyui  # headless, torchvision covered
 
     execution, folder_paths, nodes = import_comfyui(args.comfyui, args.comfy_arg)
     import comfy.utils
@@ -116,7 +102,7 @@ def main() -> int:
     steps: list[float] = []
     comfy.utils.set_progress_bar_global_hook(lambda *_, **__: steps.append(time.time()))
     executor = execution.PromptExecutor(
-        _Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        PromptServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
     )
 
     def run(seed: int) -> None:

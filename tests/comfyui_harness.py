@@ -29,7 +29,7 @@ from luna_stack.devtools.embedded import EmbeddedService
 from luna_stack.devtools.fixtures import clip_config, unet_config, write_checkpoint
 from luna_stack.devtools.lora_fixtures import write_lora
 
-from .comfyui_import import import_comfyui
+from .comfyui_import import PromptServerStub, import_comfyui
 
 # The services (diffusers, transformers) are imported after ComfyUI: in ComfyUI's environment
 # transformers imports torchvision, which needs _import_torchvision() first.
@@ -77,20 +77,6 @@ def _capture_node(kind: str) -> type:
             return ()
 
     return Capture
-
-
-class _Server:
-    """What PromptExecutor needs of ComfyUI's PromptServer."""
-
-    client_id = None
-    last_node_id = None
-    last_prompt_id = None
-
-    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
-        return None
-
-    def queue_updated(self) -> None:
-        return None
 
 
 def write_family(root: Path, family: str) -> None:
@@ -199,7 +185,7 @@ def execute(
     assert ok, (error, node_errors)
     CAPTURED.clear()
     executor = execution.PromptExecutor(
-        _Server(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+        PromptServerStub(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
     )
     executor.execute(prompt, "test", extra_data or {}, outputs)
     errors = [m for m in executor.status_messages if m[0] == "execution_error"]

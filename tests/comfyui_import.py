@@ -129,3 +129,17 @@ def import_comfyui(path: str, flags: Sequence[str] = ("--cpu",)) -> Any:
     except ImportError as exc:
         pytest.skip(f"ComfyUI at {path} does not import here ({exc}); use a Python with its requirements")
     return execution, folder_paths, nodes
+
+
+class PromptServerStub:
+    """What ComfyUI's PromptExecutor needs of its PromptServer when a prompt runs without the HTTP server."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
+        return None
+
+    def queue_updated(self) -> None:
+        return None

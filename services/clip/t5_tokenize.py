@@ -24,7 +24,7 @@ from luna_stack.wire.errors import BadRequest, LimitExceeded
 
 from .embeddings import EmbeddingStore
 from .prompt import EMBEDDING_PREFIX, parse_weights, split_embedding_words
-from .tokenize import Chunk, EncoderSpec, embedding_vectors
+from .tokenize import Chunk, EncoderSpec, embedding_vectors, token_pair
 
 END = 1  # </s>
 PAD = 0  # <pad>
@@ -105,21 +105,4 @@ def t5_tokens_from_ids(raw: object, max_tokens: int) -> Chunk:
     if not isinstance(raw, list) or not raw:
         raise BadRequest("tokens.t5xxl must be a non-empty list of [id, weight] pairs")
     check_length(len(raw), max_tokens)
-    out: Chunk = []
-    for pair in raw:
-        ok = isinstance(pair, list | tuple) and len(pair) == 2
-        tok, weight = pair if ok else (None, None)
-        if not (
-            ok
-            and isinstance(tok, int)
-            and not isinstance(tok, bool)
-            and 0 <= tok < VOCAB_SIZE
-            and isinstance(weight, int | float)
-            and math.isfinite(weight)
-        ):
-            raise BadRequest(
-                f"tokens.t5xxl has an invalid pair {pair!r}",
-                hint=f"each pair is [token id in 0..{VOCAB_SIZE - 1}, finite weight]",
-            )
-        out.append((tok, float(weight)))
-    return out
+    return [token_pair(pair, "tokens.t5xxl", VOCAB_SIZE) for pair in raw]

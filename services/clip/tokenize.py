@@ -134,25 +134,27 @@ def chunks_from_ids(raw: object, spec: EncoderSpec, max_chunks: int) -> list[Chu
     for c, chunk in enumerate(raw):
         if not isinstance(chunk, list) or len(chunk) != spec.length:
             raise BadRequest(f"tokens.{spec.key}[{c}] must be a list of {spec.length} [id, weight] pairs")
-        out: Chunk = []
-        for pair in chunk:
-            ok = isinstance(pair, list | tuple) and len(pair) == 2
-            tok, weight = pair if ok else (None, None)
-            if not (
-                ok
-                and isinstance(tok, int)
-                and not isinstance(tok, bool)
-                and 0 <= tok < VOCAB_SIZE
-                and isinstance(weight, int | float)
-                and math.isfinite(weight)
-            ):
-                raise BadRequest(
-                    f"tokens.{spec.key}[{c}] has an invalid pair {pair!r}",
-                    hint=f"each pair is [token id in 0..{VOCAB_SIZE - 1}, finite weight]",
-                )
-            out.append((tok, float(weight)))
-        chunks.append(out)
+        chunks.append([token_pair(pair, f"tokens.{spec.key}[{c}]", VOCAB_SIZE) for pair in chunk])
     return chunks
+
+
+def token_pair(pair: object, where: str, vocab_size: int) -> tuple[int, float]:
+    """One client-supplied [id, weight] pair: an id of the vocabulary and a finite weight."""
+    ok = isinstance(pair, list | tuple) and len(pair) == 2
+    tok, weight = pair if ok else (None, None)  # type: ignore[misc]
+    if not (
+        ok
+        and isinstance(tok, int)
+        and not isinstance(tok, bool)
+        and 0 <= tok < vocab_size
+        and isinstance(weight, int | float)
+        and math.isfinite(weight)
+    ):
+        raise BadRequest(
+            f"{where} has an invalid pair {pair!r}",
+            hint=f"each pair is [token id in 0..{vocab_size - 1}, finite weight]",
+        )
+    return tok, float(weight)
 
 
 def chunks_to_json(chunks: list[Chunk]) -> list[list[list[float | int | str]]]:
