@@ -53,8 +53,13 @@ class Batcher(Generic[I, R]):
         max_delay_ms: float,
         metrics: Metrics | None = None,
         buckets: Sequence[int] | None = None,
+        settle: Callable[[], None] | None = None,
     ):
         self.op = op
+        # Blocks the compute thread until the device has run the batch. Runs after the results are handed
+        # back (their replies leave while the GPU finishes: IPC outputs are ordered by events) and before
+        # the next batch is taken, so batches form from the clients the last one served.
+        self._settle = settle
         self._run = run
         self._executor = executor
         self.max_rows = max_rows
@@ -187,6 +192,7 @@ class Batcher(Generic[I, R]):
         try:
             results = await self._executor.run(self._run, batch[0].key, [p.item for p in batch])
         except Exception as exc:
+            self._computed(started)
             if len(batch) == 1 or isinstance(exc, ClientGone | Unavailable):
                 # Alone, or a failure no request caused (everyone left, the service is stopping).
                 for p in batch:
@@ -198,12 +204,19 @@ class Batcher(Generic[I, R]):
                 for p in batch:
                     await self._execute([p])
             return
-        finally:
-            self._last_compute = time.monotonic() - started
-            if self._metrics is not None:
-                self._metrics.compute_seconds.labels(op=self.op).observe(self._last_compute)
         for p, result in zip(batch, results, strict=True):
             self._resolve(p, result=result)
+        if self._settle is not None:
+            try:
+                await self._executor.run(self._settle)
+            except Exception:  # the results are out; a device error surfaces in the next batch
+                log.exception("%s: waiting for the device after a batch failed", self.op)
+        self._computed(started)
+
+    def _computed(self, started: float) -> None:
+        self._last_compute = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.compute_seconds.labels(op=self.op).observe(self._last_compute)
 
     @staticmethod
     def _resolve(p: _Pending[I, R], *, result: Any = None, error: BaseException | None = None) -> None:
