@@ -159,6 +159,11 @@ class Service:
             "batches": b.batches,
             "rows": b.rows_total,
             "largest_batch": b.largest_batch,
+            "recent_mean_rows": b.mean_recent_rows,
+            "turnaround_ms": None if b.last_turnaround is None else b.last_turnaround * 1000,
+            "fill_waits": b.waits,
+            "fill_wait_ms": b.wait_seconds * 1000,
+            "fill_timeouts": b.wait_timeouts,
         }
         return {"batching": batching, **self.family.status(list(self.resident))}
 
