@@ -249,9 +249,10 @@ def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[dict[str, st
         "LUNA_MODEL_ROOTS": str(args.models),
         "LUNA_DEVICE": str(_device()),
         "LUNA_DTYPE": args.dtype,
-        # Graphs for the shapes the clients send, captured as they first arrive (no start-up captures
-        # of every bucket at the family's native size).
-        "LUNA_UNET_GRAPH_CAPTURE": "lazy",
+        # Graphs for the shapes the clients send, captured inline as they first arrive (no start-up
+        # captures of every bucket at the family's native size, no eager steps while waiting for an idle
+        # moment the benchmark never gives).
+        "LUNA_UNET_GRAPH_CAPTURE": "first_use",
         **{f"LUNA_{kind.upper()}_PRELOAD": name for kind, name in workflow.preload.items()},
     }
     with contextlib.ExitStack() as services:
@@ -269,7 +270,15 @@ def floor_step_ms(args: argparse.Namespace, workflow: Workflow, clients: int) ->
     name = workflow.preload["unet"]
     model = load_diffusion_model(name, args.models / name, args.precision, device)
     rows = clients * workflow.rows_per_image
-    config = GraphConfig(enabled=True, buckets=(rows,), lazy=True, max_shapes=1, lora_slots=0, lora_rank=0)
+    config = GraphConfig(
+        enabled=True,
+        buckets=(rows,),
+        capture="first_use",
+        max_shapes=1,
+        lora_slots=0,
+        lora_rank=0,
+        min_gain=None,
+    )
     runner = build_runner(model, config, graphs=True)
     inputs = model.example_inputs(rows, workflow.height // 8, workflow.width // 8, seed=0)
     inputs["context"] = torch.randn(rows, args.context_tokens, inputs["context"].shape[2])
