@@ -282,3 +282,25 @@ async def test_clip_encodes_eager_until_idle_then_replays(models_dir, start_serv
         replayed, _ = await client.call("encode", params=params)
     assert graph_forwards(svc.service, "clip") == 2
     assert torch.equal(replayed["cond"], eager["cond"]) and torch.equal(replayed["pooled"], eager["pooled"])
+
+
+async def test_captures_wait_while_requests_keep_coming(models_dir, start_service, sdxl_ref) -> None:
+    """Steps every 0.3 s never leave the service idle for graph_idle_ms (3 s): nothing is captured until
+    they stop."""
+    settings = make_settings(
+        models_dir, LUNA_UNET_PRELOAD=SDXL, LUNA_UNET_GRAPH_BUCKETS="2", LUNA_UNET_GRAPH_IDLE_MS="3000"
+    )
+    svc = start_service(unet_service, settings)
+    inputs = step_inputs(sdxl_ref, batch=2, seed=23)
+    async with AsyncClient("unet", url=svc.url) as client:
+        for _ in range(6):
+            await client.call("step", inputs, {"model": SDXL})
+            (model,) = (await client.status())["graphs"]["models"]
+            assert (model["graphs"], model["pending"]) == ([], ["8x8 ctx77 x2"])
+            await asyncio.sleep(0.3)
+        assert eager_forwards(svc.service.metrics, "unet", "pending") == 6
+        await wait_status(client, lambda s: bool(graph_keys(s)))
+        out, _ = await client.call("step", inputs, {"model": SDXL})
+    assert graph_forwards(svc.service, "unet") == 1 and torch.equal(
+        out["out"], reference_step(sdxl_ref, inputs)
+    )

@@ -135,7 +135,7 @@ class ClipFamily(ModelFamily[ClipModel, ClipWork]):
         return model
 
     @property
-    def idle(self) -> IdlePolicy:
+    def idle_policy(self) -> IdlePolicy:
         return IdlePolicy(self.graph_cfg.idle_ms, self.graph_cfg.release_idle_s)
 
     def background_work(self, models: Sequence[ClipModel]) -> bool:

@@ -167,7 +167,7 @@ class ModelFamily(abc.ABC, Generic[M, W]):
         return BatchPolicy(self.cfg.max_batch, self.cfg.max_delay_ms)
 
     @property
-    def idle(self) -> IdlePolicy | None:
+    def idle_policy(self) -> IdlePolicy | None:
         """None: the service does nothing while idle."""
         return None
 
@@ -206,7 +206,7 @@ class ModelFamily(abc.ABC, Generic[M, W]):
 
     def background_work(self, models: Sequence[M]) -> bool:
         """One unit of deferred work (a graph capture) on the compute thread, run while the service is
-        idle (`idle`); True while more remains."""
+        idle (`idle_policy`); True while more remains."""
         return False
 
     def status(self, models: Sequence[M]) -> dict[str, Any]:

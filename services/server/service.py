@@ -135,7 +135,7 @@ class Service:
         """Start the family and its idle work, then load the preload list (/health/ready waits for this:
         graph captures other than graph_capture=start ones come after it)."""
         await self.family.startup()
-        policy = self.family.idle
+        policy = self.family.idle_policy
         if policy is not None and self._idle_task is None:
             self._idle_task = asyncio.create_task(self._idle_work(policy))
         for name in self.family.preload:
