@@ -10,6 +10,10 @@ call so drift hits all alike, each timed from the caller until its outputs are u
 - http: host tensors through the keep-alive HTTP client, against in_process_cpu;
 - ipc: GPU tensors through CUDA IPC buffers, against in_process_gpu.
 
+The UNet step also runs as the graph replay the service itself runs (`graph`, the GPU floor): `ipc_cost_ms`
+and `http_cost_ms` are what a request costs beyond that GPU work (issue 15: ≤ 1.5 ms over IPC, ≤ 3 ms
+over HTTP).
+
     python -m bench.bench_overhead            # full size on the GPU
     python -m bench.bench_overhead --small    # CPU smoke run (no IPC on a CPU)
 """
@@ -37,9 +41,11 @@ from luna_stack.clip.models import load_clip_model
 from luna_stack.clip.tokenize import CLIP_G, CLIP_L, tokenize
 from luna_stack.devtools.fixtures import write_clip, write_unet, write_vae
 from luna_stack.gpu.device import select_device
+from luna_stack.gpu.graph_config import GraphConfig
 from luna_stack.server.executor import GpuExecutor
 from luna_stack.unet.loader import load_diffusion_model
 from luna_stack.unet.step import unet_forward
+from luna_stack.unet.step_runner import build_runner
 from luna_stack.vae.model import load_vae
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.tensors import DTYPES
@@ -63,6 +69,7 @@ class Operation:
     inputs: dict[str, torch.Tensor]  # host tensors
     local: Callable[[dict[str, torch.Tensor]], Any]  # the in-process computation on device inputs
     ipc_device: bool  # whether the ipc path sends GPU inputs (CLIP sends text: only outputs are GPU)
+    graph: Callable[[dict[str, torch.Tensor]], Any] | None = None  # the service's graph replay, in-process
 
 
 def write_models(root: Path, size: str) -> None:
@@ -89,6 +96,13 @@ def operations(args: argparse.Namespace, root: Path, device: torch.device) -> li
         "y": torch.randn(rows, unet.adm_channels, generator=gen).to(unet.dtype),
     }
 
+    config = GraphConfig(True, (rows,), "first_use", max_shapes=1, lora_slots=0, lora_rank=0, min_gain=None)
+    runner = build_runner(unet, config)
+    parsed = unet.parse_step({k: v.to(device) for k, v in step.items()}, {})
+
+    def replay(_: dict[str, torch.Tensor]) -> torch.Tensor:
+        return runner.run(parsed.shape, {k: [v] for k, v in parsed.tensors.items()}, [(rows, ())])
+
     def clip_encode(_: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # The service tokenizes too: the in-process side pays for it as well.
         job = EncodeJob({s.key: tokenize(PROMPT, s, bpe, None, [], 64) for s in (CLIP_L, CLIP_G)})
@@ -112,6 +126,7 @@ def operations(args: argparse.Namespace, root: Path, device: torch.device) -> li
             step,
             lambda t: unet_forward(unet.module, t["x"], t["timesteps"], t["context"], t["y"]),
             True,
+            replay if device.type == "cuda" else None,
         ),
         Operation(
             "clip", "encode", "CLIP L+G encode", {"model": CLIP, "text": PROMPT}, {}, clip_encode, False
@@ -152,6 +167,12 @@ async def measure_operation(
             await ipc.call(operation.op, sent, operation.params, device=device)
             sync(device)
 
+        def graph() -> None:
+            assert operation.graph is not None
+            with torch.inference_mode():
+                operation.graph(on_device)
+            sync(device)
+
         paths: dict[str, Callable[[], Awaitable[Any]]] = {
             "in_process_gpu": lambda: compute.run(local_gpu),
             "in_process_cpu": lambda: compute.run(local_cpu),
@@ -159,6 +180,8 @@ async def measure_operation(
         }
         if on_gpu:
             paths["ipc"] = over_ipc
+        if operation.graph is not None:
+            paths["graph"] = lambda: compute.run(graph)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for run in paths.values():  # warm-up: allocator, cuDNN plans, IPC buffers
             for _ in range(3):
@@ -172,6 +195,9 @@ async def measure_operation(
         row.update({f"{name}_ms": median_ms(t) for name, t in times.items()})
         row["http/in_process"] = row["http_ms"] / row["in_process_cpu_ms"]
         row["ipc/in_process"] = row["ipc_ms"] / row["in_process_gpu_ms"] if on_gpu else None
+        if "graph_ms" in row:
+            row["ipc_cost_ms"] = row["ipc_ms"] - row["graph_ms"]
+            row["http_cost_ms"] = row["http_ms"] - row["graph_ms"]
         row["ipc_calls"] = ipc.ipc.calls
     print(f"{operation.label}: {row}", flush=True)
     return row
@@ -217,7 +243,8 @@ def main() -> None:
         rows = asyncio.run(measure(args, Path(tmp)))
     columns = ["operation", "in_process_gpu_ms", "in_process_cpu_ms", "http_ms"]
     columns += ["ipc_ms"] if "ipc_ms" in rows[0] else []
-    print_table(rows, [*columns, "http/in_process", "ipc/in_process"])
+    costs = ["graph_ms", "ipc_cost_ms", "http_cost_ms"] if any("graph_ms" in r for r in rows) else []
+    print_table(rows, [*columns, "http/in_process", "ipc/in_process", *costs])
     meta = {
         "dtypes": {k: args.dtype or v for k, v in DTYPE.items()},
         "repeats": args.repeats,

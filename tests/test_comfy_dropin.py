@@ -64,6 +64,7 @@ def layout(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "loras/style.safetensors": "vae/sd15-small-vae.safetensors",  # listed by name only here
         # the files examples/ name
         "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/sd15-small.safetensors",
+        "checkpoints/sd_xl_base_1.0.safetensors": "checkpoints/sdxl-small.safetensors",
         "unet/sd_xl_base_1.0_unet.safetensors": "unet/sdxl-small-unet.safetensors",
         "vae/sdxl_vae.safetensors": "vae/sdxl-small-vae.safetensors",
         "unet/flux1-dev.safetensors": "unet/flux-dev-small.safetensors",

@@ -132,6 +132,7 @@ def test_examples_validate_in_comfyui_without_edits(dropin: ComfyRuntime) -> Non
     """Once the files the examples name exist (here: links to the fixtures), every example validates."""
     named = {
         "checkpoints/v1-5-pruned-emaonly.safetensors": "checkpoints/" + CKPT,
+        "checkpoints/sd_xl_base_1.0.safetensors": "checkpoints/" + CKPT,
         "unet/sd_xl_base_1.0_unet.safetensors": "unet/sd15-small-unet.safetensors",
         "vae/sdxl_vae.safetensors": "vae/sd15-small-vae.safetensors",
         "loras/my_style.safetensors": "loras/sd15-lora.safetensors",
@@ -150,7 +151,7 @@ def test_examples_validate_in_comfyui_without_edits(dropin: ComfyRuntime) -> Non
         if not (dropin.models / name).exists():
             os.link(dropin.models / source, dropin.models / name)
     examples = sorted((ROOT / "examples").glob("*.json"))
-    assert len(examples) == 7
+    assert len(examples) == 8
     for path in examples:
         prompt = json.loads(path.read_text())
         ok, error, outputs, node_errors = asyncio.run(
