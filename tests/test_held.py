@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from luna_stack.client.held import HeldInputs
 from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.embedded import EmbeddedService, free_port
 from luna_stack.server.held import MIN_ENTRY_BYTES, HeldSpec, HeldTensors
@@ -226,3 +227,18 @@ def test_kept_tensors_are_copies() -> None:
     sent.zero_()  # an IPC buffer reused by the client
     (got,) = store.resolve("a", HeldSpec.parse({"use": {"t": "i"}}), {}).values()
     assert torch.equal(got, torch.ones(8))
+
+
+def test_a_reference_needs_the_same_bits_and_a_confirmed_keep() -> None:
+    held = HeldInputs()
+    zeros = torch.zeros(4)
+    plan = held.plan({"c": zeros, "x": zeros}, ("c",))
+    assert set(plan.tensors) == {"c", "x"} and set(plan.keep) == {"c"}
+    assert not held.plan({"c": zeros}, ("c",)).use  # not confirmed yet: still sent
+    held.confirm(plan, {"kept": ["c"]})
+    assert held.plan({"c": zeros.clone()}, ("c",)).use == {"c": plan.keep["c"].id}
+    assert not held.plan({"c": -zeros}, ("c",)).use  # torch.equal(-0.0, 0.0), but other bits
+    assert not held.plan({"c": zeros.half()}, ("c",)).use and not held.plan({"c": zeros[None]}, ("c",)).use
+    refused = held.plan({"c": torch.ones(4)}, ("c",))
+    held.confirm(refused, {"kept": []})  # over the service's budget
+    assert not held.plan({"c": torch.ones(4)}, ("c",)).use

@@ -2,11 +2,11 @@
 
 `AsyncClient.call(..., keep=("context", "y"))` names the sticky inputs. Per name this remembers the last
 DEPTH tensors the service confirmed it kept (our own copies) with their ids; a new tensor equal to one of
-them (`torch.equal`, same dtype, shape and device: exact, no hashing) travels as a reference instead of
-bytes, and through CUDA IPC it is not written into the exchange buffer either. A tensor not remembered is
-sent and kept under a fresh id. When the service answers `unknown_reference` (it restarted, or dropped
-the entry), everything remembered is forgotten and the call is sent once more in full. The protocol:
-server/held.py.
+them (same dtype, shape, device and bits — `torch.equal` on the bits: exact, no hashing, -0.0 is not
+0.0) travels as a reference instead of bytes, and through CUDA IPC it is not written into the exchange
+buffer either. A tensor not remembered is sent and kept under a fresh id. When the service answers
+`unknown_reference` (it restarted, or dropped the entry), everything remembered is forgotten and the
+call is sent once more in full. The protocol: server/held.py.
 """
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ class HeldCounts:
     resent: int = 0  # calls sent again in full after unknown_reference
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal on the bits (same dtype and shape assumed): -0.0 is not 0.0, a NaN equals itself."""
+    bits = _BITS.get(a.element_size())
+    if bits is None or a.is_complex():
+        return torch.equal(a, b)
+    return torch.equal(a.view(bits), b.view(bits))
+
+
 class HeldInputs:
     """The sticky tensors one client sent, per name, most recent first."""
 
@@ -78,7 +89,7 @@ class HeldInputs:
         entries = self._sent.get(name, [])
         for i, sent in enumerate(entries):
             s = sent.tensor
-            if s.dtype == t.dtype and s.shape == t.shape and s.device == t.device and torch.equal(s, t):
+            if s.dtype == t.dtype and s.shape == t.shape and s.device == t.device and same_bits(s, t):
                 entries.insert(0, entries.pop(i))
                 return sent
         return None

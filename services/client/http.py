@@ -60,7 +60,9 @@ class AsyncClient:
             raise ValueError(f"ipc must be 'auto' or 'off', got {self.ipc_mode!r}")
         self.ipc = IpcTransport(kind, self._json_call, self._http_call)
         self.held = HeldInputs()
-        self.bytes_sent = 0  # request bodies of operations over HTTP (IPC calls: their small bodies)
+        # Tensor bodies over HTTP (IPC calls: their small bodies), what a wire-cost benchmark reads.
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     # -- connection management ------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -149,7 +151,9 @@ class AsyncClient:
                         body = (await resp.text())[:500]
                     raise error_from_json(resp.status, body)
                 if resp.content_type == codec.CONTENT_TYPE:
-                    return resp.status, codec.decode(await resp.read())
+                    blob = await resp.read()
+                    self.bytes_received += len(blob)
+                    return resp.status, codec.decode(blob)
                 if expect_tensors and resp.status == 200:
                     raise LunaError(f"{base}{path} answered {resp.content_type}, not tensors")
                 return resp.status, await resp.json(content_type=None)
