@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +42,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from luna_stack.devtools.embedded import free_port
+from luna_stack.devtools.localrun import spawn_service, wait_ready
+from luna_stack.devtools.supervisor import stop_processes
 from luna_stack.gpu.nvml import nvml_status
 
-from .common import print_table, service_process, sync, write_results
+from .common import print_table, sync, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pack's loaders -> ComfyUI's own, with the inputs ComfyUI's take besides the pack's.
@@ -173,9 +177,18 @@ def write_missing_models(workflow: Workflow, models: Path) -> None:
 
 
 def run_clients(
-    args: argparse.Namespace, prompt: dict[str, Any], n: int, pack: bool, env: dict[str, str], tag: str
+    args: argparse.Namespace,
+    prompt: dict[str, Any],
+    n: int,
+    pack: bool,
+    env: dict[str, str],
+    tag: str,
+    *,
+    comfy_args: tuple[str, ...] = (),
+    wait_ready: str = "",
 ) -> dict[str, Any]:
-    """N ComfyUI processes: first images, then the timed images begun together."""
+    """N ComfyUI processes: first images, then the timed images begun together. With `wait_ready` the
+    clients start with the services and wait for them (a cold start) before their first image."""
     work = Path(tempfile.mkdtemp(prefix=f"bench-{tag}-"))
     workflow = work / "workflow.json"
     workflow.write_text(json.dumps(prompt))
@@ -204,7 +217,8 @@ def run_clients(
             str(work / f"out{i}.json"),
             *(["--pack"] if pack else []),
             *(["--save-first", str(work / "first.safetensors")] if i == 0 else []),
-            *[f"--comfy-arg={a}" for a in args.comfy_arg],
+            *([f"--wait-ready={wait_ready}"] if wait_ready else []),
+            *[f"--comfy-arg={a}" for a in (*args.comfy_arg, *comfy_args)],
         ]
         log = (work / f"log{i}.txt").open("w")
         procs.append(subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT))
@@ -219,6 +233,7 @@ def run_clients(
                 f"{tag}: ComfyUI clients {failed or 'timed out'} before their first image:\n{logs}"
             )
         time.sleep(0.05)
+    batching = _batching(env.get("LUNA_UNET_URL"))
     with MemorySampler() as memory:
         began = time.time()
         start.write_text("go")
@@ -231,6 +246,7 @@ def run_clients(
         reports.append(json.loads((work / f"out{i}.json").read_text()))
     ends = [t for r in reports for t in r["image_ends"]]
     deltas = [b - a for r in reports for a, b in zip(r["step_times"], r["step_times"][1:], strict=False)]
+    after = _batching(env.get("LUNA_UNET_URL"))
     return {
         "clients": n,
         "images": len(ends),
@@ -238,25 +254,79 @@ def run_clients(
         "step_ms": statistics.median(deltas) * 1000 if deltas else None,
         "first_image_s": statistics.median(r["first_image_s"] for r in reports),
         "gpu_memory_gib": memory.gib,
+        # Rows per UNet forward during the timed images (the stack's batcher).
+        "mean_batch_rows": (after[1] - batching[1]) / (after[0] - batching[0])
+        if after and batching
+        else None,
         "first": load_file(str(work / "first.safetensors"))["image"],
     }
 
 
+def _batching(url: str | None) -> tuple[int, int] | None:
+    """(batches, rows) the unet service has run so far."""
+    if not url:
+        return None
+    with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as reply:
+        b = json.load(reply)["batching"]
+    return b["batches"], b["rows"]
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]  # the clients' LUNA_*_URL
+    procs: dict[str, subprocess.Popen[bytes]]
+    started: float
+    ready_s: float | None = None  # from the start until every service answered /health/ready
+    idle_gib: float | None = None  # the unet service's GPU memory then (weights resident, no traffic yet)
+
+    @property
+    def urls(self) -> str:
+        return ",".join(self.env.values())
+
+    def watch_ready(self, timeout_s: float) -> None:
+        """Record ready_s, polling beside the clients (they wait for the services themselves)."""
+
+        def watch() -> None:
+            for kind, proc in self.procs.items():
+                wait_ready(kind, self.env[f"LUNA_{kind.upper()}_URL"], proc, timeout_s)
+            self.ready_s = time.monotonic() - self.started
+            self.idle_gib = self.gpu_gib("unet")
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    def gpu_gib(self, kind: str) -> float | None:
+        """GPU memory NVML reports for one service's process."""
+        pid = self.procs[kind].pid
+        procs = [p for g in nvml_status()["gpus"] for p in g.get("processes", [])]
+        used = [p["used_bytes"] for p in procs if p["pid"] == pid and p["used_bytes"] is not None]
+        return used[0] / 2**30 if used else None
+
+
 @contextlib.contextmanager
-def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[dict[str, str]]:
-    """The clip, vae and unet services as processes, each with the workflow's models preloaded."""
+def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[Stack]:
+    """The clip, vae and unet services as processes, each preloading the workflow's models; started, not
+    waited for (the first clients start with them: the cold start)."""
     env = {
+        **os.environ,
         "LUNA_MODEL_ROOTS": str(args.models),
         "LUNA_DEVICE": str(_device()),
         "LUNA_DTYPE": args.dtype,
-        # Graphs for the shapes the clients send, captured as they first arrive (no start-up captures
-        # of every bucket at the family's native size).
-        "LUNA_UNET_GRAPH_CAPTURE": "lazy",
+        "LUNA_LOG_LEVEL": "warning",
         **{f"LUNA_{kind.upper()}_PRELOAD": name for kind, name in workflow.preload.items()},
     }
-    with contextlib.ExitStack() as services:
-        urls = {kind: services.enter_context(service_process(kind, env)) for kind in ("clip", "vae", "unet")}
-        yield {f"LUNA_{kind.upper()}_URL": url for kind, url in urls.items()}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
+    started = time.monotonic()
+    try:
+        for kind in ("clip", "vae", "unet"):
+            port = free_port()
+            procs[kind] = spawn_service(kind, {**env, "LUNA_PORT": str(port)})
+            urls[f"LUNA_{kind.upper()}_URL"] = f"http://127.0.0.1:{port}"
+        services = Stack(urls, procs, started)
+        services.watch_ready(args.timeout_s)
+        yield services
+    finally:
+        stop_processes(list(procs.items()), timeout_s=30)
 
 
 def floor_step_ms(args: argparse.Namespace, workflow: Workflow, clients: int) -> float:
@@ -293,6 +363,17 @@ def floor(args: argparse.Namespace, workflow: Workflow, clients: int) -> dict[st
     return {"floor_step_ms": step_ms, "floor_decode_ms": decode_ms, "floor_images_per_min": 60 / per_image_s}
 
 
+def _counts(spec: str) -> list[int]:
+    return [int(c) for c in spec.split(",") if c]
+
+
+def _status(url: str) -> dict[str, Any]:
+    """What the unet service reports about itself after the runs: graphs, memory, batching."""
+    with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as reply:
+        body = json.load(reply)
+    return {k: body.get(k) for k in ("batching", "graphs", "models", "ipc", "lora_cache")}
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: a smoke run
 
@@ -322,6 +403,9 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True, help="models dir holding the workflow's files")
     parser.add_argument("--clients", default="1,4", help="stack client counts, e.g. 1,4")
     parser.add_argument("--local", default="1", help="ComfyUI-holds-its-own-models client counts ('' = none)")
+    parser.add_argument(
+        "--cpu-frontends", default="", help="stack client counts run as GPU-less ComfyUI (--cpu), e.g. 1"
+    )
     parser.add_argument("--images", type=int, default=3, help="timed images per client")
     parser.add_argument("--size", type=int, help="override the workflow's image size")
     parser.add_argument("--steps", type=int, help="override the workflow's steps")
@@ -340,15 +424,38 @@ def main() -> None:
         write_missing_models(workflow, args.models)
     rows: list[dict[str, Any]] = []
     firsts: dict[str, torch.Tensor] = {}
-    for n in [int(c) for c in args.local.split(",") if c]:
+    for n in _counts(args.local):
         result = run_clients(args, workflow.local(), n, pack=False, env={}, tag=f"local{n}")
         firsts.setdefault("local", result.pop("first"))
         rows.append({"mode": "comfyui_own_models", **result})
-    with stack(args, workflow) as urls:
-        for n in [int(c) for c in args.clients.split(",") if c]:
-            result = run_clients(args, workflow.prompt, n, pack=True, env=urls, tag=f"stack{n}")
+    meta: dict[str, Any] = {}
+    with stack(args, workflow) as services:
+        for i, n in enumerate(_counts(args.clients)):
+            # The first run starts with the services: its first image is the stack's cold start.
+            cold = i == 0
+            result = run_clients(
+                args,
+                workflow.prompt,
+                n,
+                pack=True,
+                env=services.env,
+                tag=f"stack{n}",
+                wait_ready=services.urls if cold else "",
+            )
+            if cold:
+                meta["services_ready_s"] = services.ready_s
+                meta["cold_first_image_s"] = result["first_image_s"]
+                meta["unet_service_gib_ready"] = services.idle_gib
             firsts.setdefault("stack", result.pop("first"))
             rows.append({"mode": "luna_stack", **result})
+        for n in _counts(args.cpu_frontends):
+            result = run_clients(
+                args, workflow.prompt, n, pack=True, env=services.env, tag=f"cpu{n}", comfy_args=("--cpu",)
+            )
+            result.pop("first")
+            rows.append({"mode": "luna_stack_cpu_frontend", **result})
+        meta["unet_service_gib_after"] = services.gpu_gib("unet")
+        meta["unet_status_after"] = _status(services.env["LUNA_UNET_URL"])
     floors = {n: floor(args, workflow, n) for n in sorted({r["clients"] for r in rows})}
     for row in rows:
         row.update(floors[row["clients"]])
@@ -356,8 +463,12 @@ def main() -> None:
         own = next(
             (r for r in rows if r["mode"] == "comfyui_own_models" and r["clients"] == row["clients"]), None
         )
+        ipc = next((r for r in rows if r["mode"] == "luna_stack" and r["clients"] == row["clients"]), None)
+        if row["mode"] == "luna_stack_cpu_frontend" and ipc:
+            row["time_per_image_vs_ipc"] = ipc["images_per_min"] / row["images_per_min"]
         row["vs_comfyui"] = row["images_per_min"] / own["images_per_min"] if own else None
-    meta: dict[str, Any] = {
+    meta = {
+        **meta,
         "workflow": args.workflow.name,
         "size": f"{workflow.width}x{workflow.height}",
         "steps": workflow.steps,
@@ -371,9 +482,10 @@ def main() -> None:
             "mean_abs": float((a - b).abs().mean()),
             "psnr_db": float(10 * torch.log10(1 / (a - b).pow(2).mean().clamp_min(1e-12))),
         }
-    print(json.dumps(meta, indent=2))
+    print(json.dumps({k: v for k, v in meta.items() if k != "unet_status_after"}, indent=2))
     columns = ["mode", "clients", "images_per_min", "step_ms", "first_image_s", "gpu_memory_gib"]
-    print_table(rows, [*columns, "floor_images_per_min", "vs_floor", "vs_comfyui"])
+    extra = ["mean_batch_rows", "time_per_image_vs_ipc"]
+    print_table(rows, [*columns, "floor_images_per_min", "vs_floor", "vs_comfyui", *extra])
     small = _device().type == "cpu"
     path = write_results(args.name or f"comfyui_{args.workflow.stem}", small, meta, rows, str(_device()))
     print(f"results: {path}")

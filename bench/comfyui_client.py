@@ -55,6 +55,25 @@ def _sink_node(kept: dict[str, Any]) -> type:
     return BenchImageSink
 
 
+def _wait_ready(urls: list[str], timeout_s: float = 600) -> None:
+    """Poll each service's /health/ready (what ComfyUI's user does after `luna-stack run`)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    for url in urls:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{url} not ready after {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--comfyui", required=True, help="a ComfyUI checkout")
@@ -69,6 +88,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-first", type=Path, help="write the first image here (safetensors)")
     parser.add_argument("--comfy-arg", action="append", default=[], help="ComfyUI command-line flags")
+    parser.add_argument(
+        "--wait-ready",
+        default="",
+        help="comma-separated service URLs: run the first image once all answer /health/ready (a cold start: "
+        "this process and the services were started together)",
+    )
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -117,6 +142,8 @@ def main() -> int:
             raise SystemExit(f"the workflow failed: {errors}")
 
     imported = time.time()
+    _wait_ready([u for u in args.wait_ready.split(",") if u])
+    ready = time.time()
     run(0)
     first = time.time()
     if args.save_first is not None:
@@ -133,6 +160,7 @@ def main() -> int:
     report = {
         "started": STARTED,
         "import_s": imported - STARTED,
+        "waited_for_services_s": ready - imported,
         "first_image_s": first - STARTED,
         "began": began,
         "image_ends": ends,

@@ -100,13 +100,16 @@ def write_results(
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    """Columns a row lacks (a measurement that does not apply to it) read '-'."""
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for r in rows:
-        print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in columns))
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     if not isinstance(value, float):
         return str(value)
     # Small values (relative errors, per-client GB) keep two significant digits instead of reading 0.00.

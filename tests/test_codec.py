@@ -79,3 +79,16 @@ def test_views_of_one_tensor_are_sent_as_independent_tensors() -> None:
     tensors, _ = codec.decode(codec.encode({"a": base[0], "b": base[1:], "c": base, "d": base}))
     assert torch.equal(tensors["a"], base[0]) and torch.equal(tensors["b"], base[1:])
     assert torch.equal(tensors["c"], base) and torch.equal(tensors["d"], base)
+
+
+def test_params_only_body_is_a_plain_safetensors_header() -> None:
+    """IPC requests and replies carry params only: the blob is the header alone, which safetensors itself
+    reads as an empty file, and bytes after it are refused as before."""
+    from safetensors.torch import load
+
+    blob = codec.encode({}, {"model": "unet/x.safetensors", "lora": [], "note": "é"})
+    assert load(blob) == {}
+    assert len(blob) % 8 == 0
+    assert codec.decode(blob) == ({}, {"model": "unet/x.safetensors", "lora": [], "note": "é"})
+    with pytest.raises(InvalidBody, match="malformed safetensors"):
+        codec.decode(blob + b"junk")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,10 @@ async def test_models_are_listed_loaded_and_unloaded(models_dir, start_service) 
         assert SDXL in listing["available"]
         _, described = await client.call("load", {}, {"model": SDXL})
         assert described["family"] == "sdxl" and described["bytes"] > 0
+        # No host path in a reply: the names are relative to the model roots.
+        status = await client.get_json("/v1/status")
+        for reply in (listing, described, status, await client.get_json("/v1/unet/models")):
+            assert str(models_dir) not in json.dumps(reply)
         status, reply = await client._request("DELETE", f"/v1/unet/models/{SDXL}")
         assert status == 200 and reply["unloaded"] is True
         _, reply = await client._request("POST", "/v1/unet/unload", json_body={"model": SD15})

@@ -2,9 +2,11 @@
 owns, allocates once, exports once and reuses; only parameters cross the socket (protocol: ipc.py).
 
 A call takes an idle channel (a registered input buffer and output buffer; one per concurrent call),
-copies its GPU inputs into the input buffer, synchronises, and sends their places. The reply says where
-the outputs lie in the output buffer; they are cloned out (a device-to-device copy) so the buffer can
-serve the next call. Whenever IPC cannot work the call goes over HTTP and the reason is logged once.
+copies its GPU inputs into the input buffer, records the channel's `ready` event and sends their places.
+The reply says where the outputs lie in the output buffer; this stream waits on the service's `done` event
+and clones them out (a device-to-device copy) so the buffer can serve the next call. Neither side blocks
+on the GPU (a service without events: the client synchronises instead). Whenever IPC cannot work the
+call goes over HTTP and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -40,9 +42,16 @@ def _grown(current: int, needed: int) -> int:
 
 
 @dataclass
+class _Events:
+    ready: torch.cuda.Event  # ours: recorded after writing a call's inputs
+    done: torch.cuda.Event  # the service's: recorded after it wrote the outputs
+
+
+@dataclass
 class _Buffer:
     memory: ExportedBuffer
     id: str
+    events: _Events | None = None  # output buffers, when the service orders them by events
 
 
 class _Channel:
@@ -88,8 +97,9 @@ class IpcTransport:
             self._idle[device] = asyncio.Queue()
         return device not in self._off
 
-    async def _register(self, device: torch.device, nbytes: int) -> _Buffer:
+    async def _register(self, device: torch.device, nbytes: int, evented: bool = False) -> _Buffer:
         memory = await asyncio.to_thread(ExportedBuffer.allocate, device, nbytes)
+        ready = _interprocess_event(device) if evented else None
         body = {
             "gpu_uuid": gpu_uuid(device),
             "handle": memory.handle.hex(),
@@ -97,13 +107,18 @@ class IpcTransport:
             "pid": os.getpid(),
             "pid_ns": pid_namespace(),
             "started": process_started(os.getpid()),
+            **({"ready_event": bytes(ready.ipc_handle()).hex()} if ready is not None else {}),
         }
         try:
             reply = await self._json("POST", "/v1/ipc/buffers", body)
         except BaseException:
             await asyncio.to_thread(memory.free)
             raise
-        return _Buffer(memory, reply["buffer"])
+        events = None
+        if ready is not None and reply.get("done_event"):
+            done = torch.cuda.Event.from_ipc_handle(device, bytes.fromhex(reply["done_event"]))
+            events = _Events(ready, done)
+        return _Buffer(memory, reply["buffer"], events)
 
     async def _release(self, buffer: _Buffer | None) -> None:
         if buffer is None:
@@ -120,7 +135,7 @@ class IpcTransport:
             size = _grown(buffer.memory.nbytes if buffer else 0, nbytes)
             await self._release(buffer)
             setattr(channel, attr, None)
-            buffer = await self._register(channel.device, size)
+            buffer = await self._register(channel.device, size, evented=attr == "outputs")
             setattr(channel, attr, buffer)
         return buffer
 
@@ -171,8 +186,12 @@ class IpcTransport:
             start = places[name]
             nbytes = t.numel() * t.element_size()
             inputs.memory.tensor[start : start + nbytes].view(t.dtype).view(t.shape).copy_(t)
-        # The service reads them on its own stream in its own process: they must be written now.
-        torch.cuda.current_stream(device).synchronize()
+        # The service reads them on its own streams in its own process, after they are written.
+        stream = torch.cuda.current_stream(device)
+        if outputs.events is not None:
+            outputs.events.ready.record(stream)
+        else:
+            stream.synchronize()
         spec = {
             "inputs": {
                 n: [inputs.id, places[n], dtype_name(t.dtype), list(t.shape)] for n, t in on_gpu.items()
@@ -181,6 +200,8 @@ class IpcTransport:
         }
         out, out_params = await self._op(op, host, {**params, PARAM: spec})
         reply = out_params.pop(PARAM, {})
+        if outputs.events is not None and reply.get("outputs"):
+            stream.wait_event(outputs.events.done)  # the service queued the writes; read after them
         memory = outputs.memory.tensor
         for name, (start, dtype, shape) in reply.get("outputs", {}).items():
             nbytes = torch.Size(shape).numel() * IPC_DTYPES[dtype].itemsize
@@ -197,3 +218,10 @@ class IpcTransport:
             await self._release(channel.inputs)
             await self._release(channel.outputs)
         self._idle.clear()
+
+
+def _interprocess_event(device: torch.device) -> torch.cuda.Event:
+    with torch.cuda.device(device):
+        event = torch.cuda.Event(interprocess=True)
+        event.record()  # created now, so it has a handle
+    return event

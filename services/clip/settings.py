@@ -28,7 +28,12 @@ class ClipSettings:
     )
     load_on_demand: bool = setting(True, "Load a model the first time a request names it.")
     max_batch: int = setting(32, "Most 77-token chunks encoded in one merged forward.", minimum=1)
-    max_delay_ms: float = setting(2.0, "How long a request may wait for others to join its batch.", minimum=0)
+    max_delay_ms: float = setting(
+        2.0,
+        "Longest a batch waits, once the GPU is free, for clients recently encoding with the same model "
+        "(their measured turnaround × 2, at most this; 0: never wait).",
+        minimum=0,
+    )
     max_chunks: int = setting(
         32, "Longest prompt accepted, in 75-token chunks (ComfyUI has no limit).", minimum=1, maximum=1024
     )

@@ -1,10 +1,20 @@
 """Dynamic batching: concurrent requests with the same key run as one forward.
 
 A key is whatever makes rows stackable (model, shape, dtype...). The dispatcher takes the key whose
-oldest request waited longest, lets the batch fill for at most `max_delay_ms` (or until `max_rows`, or
-until every client recently active on that key has a request waiting, so a lone client never waits),
-and picks rows round-robin across clients so one busy client cannot starve the others. If a merged
-batch fails, each request is retried alone, so one bad request fails only itself.
+oldest request waited longest and picks rows round-robin across clients, so one busy client cannot
+starve the others. If a merged batch fails, each request is retried alone, so one bad request fails only
+itself.
+
+Filling a batch: clients step in a loop (send a step, get the result, send the next), so when the device
+frees, the clients whose results were just delivered come back after a client turnaround (reply, the
+sampler's own work, the next request). The batch waits for them: for every client recently active on
+the key that has no request waiting, until it is full, for at most min(`max_delay_ms`, the key's
+measured turnaround × `FILL_MARGIN`) from when the device freed or the oldest request arrived, whichever
+is later. Without that wait, the requests that arrived during a forward would go alone as soon as it
+ends and two half-batches would alternate forever. A lone client never waits (everyone recent is
+waiting); a client that stopped stepping is waited for once in vain and then not again until it sends,
+and is forgotten after a staleness window. Before any turnaround is measured on a key, the batch waits
+at most `max_delay_ms` from its oldest request.
 
 With graph `buckets` (the batch sizes that replay a captured CUDA graph, graphs.py), a batch that would
 waste over a third of its bucket in padding, or exceed the largest bucket, leaves its last-picked requests
@@ -16,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -30,6 +42,11 @@ I = TypeVar("I")  # noqa: E741 - item type
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 
+FILL_MARGIN = 2.0  # a fill waits this many turnaround estimates (a high quantile already) for a client
+TURNAROUND_QUANTILE = 0.9
+TURNAROUND_SAMPLES = 32  # per key: recent enough to follow a change of clients, enough for the quantile
+RECENT_BATCHES = 64  # the window of the mean batch size in /v1/status
+
 
 @dataclass
 class _Pending(Generic[I, R]):
@@ -40,6 +57,16 @@ class _Pending(Generic[I, R]):
     future: asyncio.Future[R]
     enqueued: float = field(default_factory=time.monotonic)
     deferred: bool = False  # left out of a full batch to fit a graph bucket: goes next, without waiting
+
+
+@dataclass
+class _Seen:
+    """A client's latest request on a key: whom a filling batch may wait for."""
+
+    enqueued: float
+    rows: int
+    delivered: float | None = None  # when that request's result was resolved: the turnaround starts
+    missed: bool = False  # a fill waited for it in vain: not waited for again until it sends
 
 
 class Batcher(Generic[I, R]):
@@ -53,37 +80,81 @@ class Batcher(Generic[I, R]):
         max_delay_ms: float,
         metrics: Metrics | None = None,
         buckets: Sequence[int] | None = None,
+        settle: Callable[[], None] | None = None,
     ):
         self.op = op
+        # Blocks the compute thread until the device has run the batch. Runs after the results are handed
+        # back (their replies leave while the GPU finishes: IPC outputs are ordered by events) and before
+        # the next batch is taken, so batches form from the clients the last one served.
+        self._settle = settle
         self._run = run
         self._executor = executor
         self.max_rows = max_rows
-        self.max_delay = max_delay_ms / 1000.0
+        self.max_delay = max_delay_ms / 1000.0  # the cap on a fill's wait
         self._metrics = metrics
         self.buckets = tuple(sorted(buckets)) if buckets else ()
         self._pending: list[_Pending[I, R]] = []
-        # (key, client) -> when it last submitted: who may still join a filling batch.
-        self._last_seen: dict[tuple[Hashable, str], float] = {}
+        self._seen: dict[tuple[Hashable, str], _Seen] = {}
+        # key -> recent turnarounds: a result resolved -> the same client's next request on that key
+        self._turnarounds: dict[Hashable, deque[float]] = {}
         self._last_compute = 0.0
+        self._freed = 0.0  # when the last batch finished: the device is free from then
+        self._last_key: Hashable = None
+        self._warned_cap = False
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.rows_total = 0
         self.largest_batch = 0
+        self.recent_rows: deque[int] = deque(maxlen=RECENT_BATCHES)
+        self.waits = 0  # fills that waited for a client
+        self.wait_seconds = 0.0
+        self.wait_timeouts = 0  # fills whose wait ended with a client still missing
 
     @property
     def depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def mean_recent_rows(self) -> float | None:
+        return sum(self.recent_rows) / len(self.recent_rows) if self.recent_rows else None
+
+    def turnaround(self, key: Hashable) -> float | None:
+        """The key's turnaround estimate in seconds (a high quantile of recent ones), None before one."""
+        samples = sorted(self._turnarounds.get(key, ()))
+        if not samples:
+            return None
+        return samples[math.ceil(TURNAROUND_QUANTILE * len(samples)) - 1]
+
+    @property
+    def last_turnaround(self) -> float | None:
+        """The estimate on the key of the latest batch (what /v1/status shows)."""
+        return self.turnaround(self._last_key)
 
     async def enqueue(self, key: Hashable, item: I, *, rows: int = 1, client: str = "") -> R:
         """Wait for the batch this item runs in and return its result."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(key, item, rows, client, future))
-        self._last_seen[(key, client)] = time.monotonic()
+        now = time.monotonic()
+        self._pending.append(_Pending(key, item, rows, client, future, now))
+        self._note_arrival(key, client, rows, now)
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            seen = self._seen.get((key, client))
+            if seen is not None and seen.enqueued <= now:  # its client left: no batch waits for it
+                del self._seen[(key, client)]
+            raise
+
+    def _note_arrival(self, key: Hashable, client: str, rows: int, now: float) -> None:
+        seen = self._seen.get((key, client))
+        if seen is not None and seen.delivered is not None and now - seen.delivered <= self._window():
+            # Back within the window: a step turnaround (a longer gap is a new image, not a sample).
+            samples = self._turnarounds.setdefault(key, deque(maxlen=TURNAROUND_SAMPLES))
+            samples.append(now - seen.delivered)
+        self._seen[(key, client)] = _Seen(now, rows)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -141,15 +212,65 @@ class Batcher(Generic[I, R]):
     def _ready_rows(self, key: Hashable) -> int:
         return sum(p.rows for p in self._pending if p.key == key)
 
-    def _everyone_waiting(self, key: Hashable) -> bool:
-        """True when no client that used this key lately is missing from the pending requests."""
-        now = time.monotonic()
+    def _window(self) -> float:
         # A client between two steps comes back within about one forward; allow a few.
-        window = max(0.2, 4 * self._last_compute)
-        for stale in [k for k, t in self._last_seen.items() if now - t > window]:
-            del self._last_seen[stale]
-        recent = {client for (k, client) in self._last_seen if k == key}
-        return recent <= {p.client for p in self._pending if p.key == key}
+        return max(0.2, 4 * self._last_compute)
+
+    def _forget_stale(self) -> None:
+        """Clients not seen within the staleness window have stopped stepping; so have keys without any."""
+        now = time.monotonic()
+        for stale in [k for k, s in self._seen.items() if now - s.enqueued > self._window()]:
+            del self._seen[stale]
+        for gone in self._turnarounds.keys() - {k for k, _ in self._seen}:
+            del self._turnarounds[gone]
+
+    def _missing(self, key: Hashable) -> list[_Seen]:
+        """Clients recently active on this key with no request waiting, whose next one would still fit."""
+        # A client with a request waiting on any key is waiting for us, not the other way round.
+        waiting = {p.client for p in self._pending if not p.future.done()}
+        room = self.max_rows - self._ready_rows(key)
+        return [
+            s
+            for (k, client), s in self._seen.items()
+            if k == key and client not in waiting and not s.missed and s.rows <= room
+        ]
+
+    def _fill_deadline(self, oldest: _Pending[I, R]) -> float:
+        estimate = self.turnaround(oldest.key)
+        if estimate is None:  # nothing measured on this key yet: at most the cap from the oldest request
+            return oldest.enqueued + self.max_delay
+        if estimate > self.max_delay > 0 and not self._warned_cap:
+            self._warned_cap = True
+            log.info(
+                "%s: clients send their next request %.1f ms after a result, longer than a batch may wait "
+                "for them (max_delay_ms %.1f): raise it to merge their steps",
+                self.op,
+                estimate * 1000,
+                self.max_delay * 1000,
+            )
+        return max(self._freed, oldest.enqueued) + min(self.max_delay, estimate * FILL_MARGIN)
+
+    async def _fill(self, oldest: _Pending[I, R]) -> None:
+        """Wait until the batch is full, every recently active client has a request waiting, or the
+        deadline; clients still missing then are not waited for again until they send."""
+        self._forget_stale()
+        started = time.monotonic()
+        waited = False
+        while self._ready_rows(oldest.key) < self.max_rows and (missing := self._missing(oldest.key)):
+            remaining = self._fill_deadline(oldest) - time.monotonic()
+            if remaining <= 0:
+                if waited:
+                    self.wait_timeouts += 1
+                    for s in missing:
+                        s.missed = True
+                break
+            waited = True
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+        if waited:
+            self.waits += 1
+            self.wait_seconds += time.monotonic() - started
 
     async def _dispatch(self) -> None:
         while True:
@@ -159,20 +280,12 @@ class Batcher(Generic[I, R]):
                 await self._wakeup.wait()
                 continue
             oldest = min(self._pending, key=lambda p: p.enqueued)
-            deadline = oldest.enqueued + self.max_delay
-            # Let the batch fill until it is full or the oldest request has waited max_delay.
-            while (
-                not oldest.deferred
-                and self._ready_rows(oldest.key) < self.max_rows
-                and time.monotonic() < deadline
-                and not self._everyone_waiting(oldest.key)
-            ):
-                self._wakeup.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, deadline - time.monotonic()))
+            if not oldest.deferred:
+                await self._fill(oldest)
             batch = self._take()
             if batch:
                 await self._execute(batch)
+                self._freed = time.monotonic()
 
     async def _execute(self, batch: list[_Pending[I, R]]) -> None:
         started = time.monotonic()
@@ -184,9 +297,12 @@ class Batcher(Generic[I, R]):
         self.batches += 1
         self.rows_total += rows
         self.largest_batch = max(self.largest_batch, rows)
+        self.recent_rows.append(rows)
+        self._last_key = batch[0].key
         try:
             results = await self._executor.run(self._run, batch[0].key, [p.item for p in batch])
         except Exception as exc:
+            self._computed(started)
             if len(batch) == 1 or isinstance(exc, ClientGone | Unavailable):
                 # Alone, or a failure no request caused (everyone left, the service is stopping).
                 for p in batch:
@@ -198,18 +314,27 @@ class Batcher(Generic[I, R]):
                 for p in batch:
                     await self._execute([p])
             return
-        finally:
-            self._last_compute = time.monotonic() - started
-            if self._metrics is not None:
-                self._metrics.compute_seconds.labels(op=self.op).observe(self._last_compute)
         for p, result in zip(batch, results, strict=True):
             self._resolve(p, result=result)
+        if self._settle is not None:
+            try:
+                await self._executor.run(self._settle)
+            except Exception:  # the results are out; a device error surfaces in the next batch
+                log.exception("%s: waiting for the device after a batch failed", self.op)
+        self._computed(started)
 
-    @staticmethod
-    def _resolve(p: _Pending[I, R], *, result: Any = None, error: BaseException | None = None) -> None:
+    def _computed(self, started: float) -> None:
+        self._last_compute = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.compute_seconds.labels(op=self.op).observe(self._last_compute)
+
+    def _resolve(self, p: _Pending[I, R], *, result: Any = None, error: BaseException | None = None) -> None:
         if p.future.done():
             return
         if error is not None:
             p.future.set_exception(error)
         else:
             p.future.set_result(result)
+        seen = self._seen.get((p.key, p.client))
+        if seen is not None and seen.enqueued <= p.enqueued:  # its latest request: the turnaround starts
+            seen.delivered = time.monotonic()

@@ -7,11 +7,16 @@ The exchange (client side: client/ipc.py; shared constants: wire/ipc.py):
   "started"}` opens a buffer the client allocated and exported once -> `{"buffer": id}`. A 409
   `ipc_unavailable` says why IPC cannot work (CPU service, another GPU, no shared IPC namespace); the
   client then stays on HTTP and logs that reason.
-- A request's params carry `"_ipc": {"inputs": {name: [buffer, offset, dtype, shape]}, "out": buffer}`;
-  the client wrote the inputs and synchronised before sending.
-- The reply's params carry `"_ipc": {"outputs": {name: [offset, dtype, shape]}, "needed": bytes}`; the
-  service synchronised after writing them. Outputs that did not fit travel in the body as usual and
-  `needed` tells the client how large its output buffer must grow.
+- A request's params carry `"_ipc": {"inputs": {name: [buffer, offset, dtype, shape]}, "out": buffer}`.
+- The reply's params carry `"_ipc": {"outputs": {name: [offset, dtype, shape]}, "needed": bytes}`.
+  Outputs that did not fit travel in the body as usual and `needed` tells the client how large its output
+  buffer must grow.
+- Ordering without host synchronisation: an output buffer may be registered with `"ready_event"`, the
+  IPC handle of an interprocess CUDA event the client records after writing a request's inputs; the
+  service's streams wait on it before reading them, and the registration reply's `"done_event"` is an event
+  the service records after writing the outputs, which the client's stream waits on before reading them.
+  So the reply leaves as soon as the outputs are queued, and neither side blocks on the GPU. Without
+  events (an older peer) the client synchronises before sending and the service before replying.
 - `DELETE /v1/ipc/buffers/{id}` closes one. Buffers idle for `ipc_idle_s`, or whose owner process is
   gone (checked when client and service share a PID namespace), are closed by `reap()`; a request for
   a closed buffer gets `unknown_ipc_buffer` and the client registers again.
@@ -40,12 +45,29 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Events:
+    """The GPU-side ordering of one output buffer's requests (see the protocol above)."""
+
+    ready: torch.cuda.Event  # the client's: recorded after it wrote a request's inputs
+    done: torch.cuda.Event  # ours: recorded after the request's outputs are written
+
+    @classmethod
+    def open(cls, ready_handle: bytes, device: torch.device) -> Events:
+        ready = torch.cuda.Event.from_ipc_handle(device, ready_handle)
+        with torch.cuda.device(device):
+            done = torch.cuda.Event(interprocess=True)
+            done.record()  # created now, so its handle exists before the first request
+        return cls(ready, done)
+
+
+@dataclass
 class _Mapped:
     opened: OpenedBuffer
     client: str
     pid: int | None  # set only when the owner shares our PID namespace
     started: str | None
     last_used: float
+    events: Events | None = None
     in_use: int = 0
 
     def owner_gone(self) -> bool:
@@ -66,8 +88,9 @@ HOST = Sink()
 class IpcSink(Sink):
     """Writes outputs into the client's output buffer; what does not fit goes to the host instead."""
 
-    def __init__(self, out: torch.Tensor):
+    def __init__(self, out: torch.Tensor, done: torch.cuda.Event | None = None):
         self.out = out
+        self.done = done
         self.placed: dict[str, list[Any]] = {}
         self._starts: dict[str, int] = {}  # a retried request puts again: same name, same place
         self.needed = 0  # bytes all outputs of this request take, aligned as placed
@@ -82,7 +105,11 @@ class IpcSink(Sink):
         dst = self.out[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
         dst.copy_(tensor)
         if dst.is_cuda:  # the reply goes out once this returns: the client must find the bytes there
-            torch.cuda.current_stream(dst.device).synchronize()
+            stream = torch.cuda.current_stream(dst.device)
+            if self.done is not None:
+                self.done.record(stream)  # the client's stream waits on it: no host synchronisation
+            else:
+                stream.synchronize()
         self.placed[name] = [start, dtype_name(tensor.dtype), list(tensor.shape)]
         return dst
 
@@ -114,12 +141,14 @@ class IpcBuffers:
             "buffers": len(self._buffers),
             "mapped_bytes": sum(m.opened.nbytes for m in self._buffers.values()),
             "clients": len({m.client for m in self._buffers.values()}),
+            # Output buffers ordered by CUDA events (no host synchronisation on either side).
+            "evented": sum(m.events is not None for m in self._buffers.values()),
             "opened_total": self.opened_total,
             "closed_total": self.closed_total,
         }
 
     # -- registration -------------------------------------------------------------------------------
-    async def register(self, body: Mapping[str, Any]) -> str:
+    async def register(self, body: Mapping[str, Any]) -> dict[str, Any]:
         if not self.enabled:
             raise IpcUnavailable(f"this service computes on {self.device}, not a GPU")
         client_uuid = body.get("gpu_uuid")
@@ -136,6 +165,7 @@ class IpcBuffers:
             raise BadRequest('send {"client", "gpu_uuid", "handle": hex, "nbytes"}') from None
         if len(handle) != HANDLE_BYTES or nbytes <= 0:
             raise BadRequest(f"an IPC handle has {HANDLE_BYTES} bytes and the buffer a positive size")
+        ready = _event_handle(body.get("ready_event"))
         try:
             opened = await self.executor.run(OpenedBuffer.open, handle, nbytes, self.device)
         except IpcUnavailable as exc:
@@ -146,11 +176,20 @@ class IpcBuffers:
         same_ns = body.get("pid_ns") is not None and body.get("pid_ns") == self._pid_ns
         pid = int(body["pid"]) if same_ns and isinstance(body.get("pid"), int) else None
         started = str(body.get("started")) if pid is not None else None
+        events = None
+        if ready is not None:
+            try:
+                events = await self.executor.run(Events.open, ready, self.device)
+            except RuntimeError as exc:  # the event handle does not open here: synchronise instead
+                log.warning("IPC: client %s's event does not open (%s); synchronising instead", client, exc)
         buffer_id = uuid.uuid4().hex
-        self._buffers[buffer_id] = _Mapped(opened, client, pid, started, time.monotonic())
+        self._buffers[buffer_id] = _Mapped(opened, client, pid, started, time.monotonic(), events)
         self.opened_total += 1
         log.info("IPC: opened %.1f MiB buffer %s of client %s", nbytes / 2**20, buffer_id[:8], client)
-        return buffer_id
+        reply: dict[str, Any] = {"buffer": buffer_id}
+        if events is not None:
+            reply["done_event"] = bytes(events.done.ipc_handle()).hex()
+        return reply
 
     async def release(self, buffer_id: str, client: str) -> bool:
         mapped = self._buffers.get(buffer_id)
@@ -209,8 +248,14 @@ class IpcBuffers:
         for mapped in leased:
             mapped.in_use += 1
             mapped.last_used = time.monotonic()
+        events = leased[0].events
+        if events is not None:
+            # The inputs are read by this thread's stream (finiteness checks) and the compute thread's
+            # (the default stream): both wait for the client's writes, on the GPU.
+            torch.cuda.current_stream(self.device).wait_event(events.ready)
+            torch.cuda.default_stream(self.device).wait_event(events.ready)
         try:
-            yield inputs, IpcSink(leased[0].opened.tensor)
+            yield inputs, IpcSink(leased[0].opened.tensor, events.done if events is not None else None)
         finally:
             for mapped in leased:
                 mapped.in_use -= 1
@@ -222,12 +267,26 @@ class IpcBuffers:
             self._side = torch.cuda.Stream(self.device)
 
         def put_all() -> None:
+            self._side.wait_stream(torch.cuda.default_stream(self.device))  # what computed them
             with torch.cuda.stream(self._side):
                 for name, tensor in tensors.items():
                     if name not in sink.placed:
                         sink.put(name, tensor)
 
         await asyncio.to_thread(put_all)
+
+
+def _event_handle(value: Any) -> bytes | None:
+    """A client's `ready_event` handle (hex), None when it sent none."""
+    if value is None:
+        return None
+    try:
+        handle = bytes.fromhex(str(value))
+    except ValueError:
+        raise BadRequest("ready_event must be the hex of a CUDA IPC event handle") from None
+    if len(handle) != HANDLE_BYTES:
+        raise BadRequest(f"a CUDA IPC event handle has {HANDLE_BYTES} bytes, got {len(handle)}")
+    return handle
 
 
 def _view(memory: torch.Tensor, name: str, offset: Any, dtype: Any, shape: Any) -> torch.Tensor:

@@ -19,6 +19,7 @@ from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.errors import BadRequest, LimitExceeded, UnknownModel
 
 M = TypeVar("M")
+_MAX_NAMES = 256
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +53,9 @@ class ResidentModels(Generic[M]):
         self.pinned: set[str] = set()  # canonical names of the preload list: never evicted
         self._models: OrderedDict[str, M] = OrderedDict()  # least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
+        # Request name -> canonical name, for resident models: resolving a name walks the roots on disk
+        # (~0.2-0.7 ms), too slow for every step. A name keeps meaning the file it named while resident.
+        self._names: dict[str, str] = {}
         self.evictions = 0
 
     def canonical(self, name: str) -> str:
@@ -72,8 +76,12 @@ class ResidentModels(Generic[M]):
             )
         if not isinstance(name, str):
             raise BadRequest("params.model must be a string")
-        key = self.canonical(name)
+        key = self._names.get(name)
+        if key is None or key not in self._models:
+            key = self.canonical(name)
         if key in self._models:
+            if len(self._names) < _MAX_NAMES:  # spellings of a name are a client's choice: bounded
+                self._names[name] = key
             self._models.move_to_end(key)
             return self._models[key]
         if not (preload or self.load_on_demand):
@@ -116,6 +124,7 @@ class ResidentModels(Generic[M]):
                     hint="raise max_models / max_model_gb (LUNA_MAX_MODELS, LUNA_MAX_MODEL_GB) or unload one",
                 )
             del self._models[victim]
+            self._forget(victim)
             self.evictions += 1
             log.info("%s: unloaded %s (least recently used) to make room for %s", self.kind, victim, key)
 
@@ -131,4 +140,8 @@ class ResidentModels(Generic[M]):
     async def unload(self, name: str) -> bool:
         key = self.canonical(name)
         self.pinned.discard(key)
+        self._forget(key)
         return self._models.pop(key, None) is not None
+
+    def _forget(self, key: str) -> None:
+        self._names = {name: k for name, k in self._names.items() if k != key}

@@ -89,8 +89,7 @@ async def ops(request: web.Request) -> web.Response:
 
 async def ipc_register(request: web.Request) -> web.Response:
     _tensors, body = await http_body.read_tensors(request, _body_limit(request))
-    buffer_id = await request.app[SERVICE].ipc.register({**body, "client": client_id(request)})
-    return web.json_response({"buffer": buffer_id})
+    return web.json_response(await request.app[SERVICE].ipc.register({**body, "client": client_id(request)}))
 
 
 async def ipc_release(request: web.Request) -> web.Response:

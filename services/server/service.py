@@ -25,7 +25,7 @@ from luna_stack.server.resident import ModelBudget, ResidentModels
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.contract import DEFAULT_PORTS
 from luna_stack.wire.errors import NotFound
-from luna_stack.wire.tensors import dtype_name
+from luna_stack.wire.tensors import check_finite, dtype_name
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -76,6 +76,7 @@ class Service:
             max_delay_ms=policy.max_delay_ms,
             metrics=self.metrics,
             buckets=policy.buckets,
+            settle=(lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None,
         )
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -97,6 +98,7 @@ class Service:
                 f"unknown {self.kind} operation {op!r}", hint=f"one of {', '.join(self.family.ops)}"
             )
         spec.check_names(tensors)
+        check_finite(tensors)
         model = await self.resident.get(params.get("model"))
 
         async def compute(work: Work) -> Any:
@@ -157,6 +159,11 @@ class Service:
             "batches": b.batches,
             "rows": b.rows_total,
             "largest_batch": b.largest_batch,
+            "recent_mean_rows": b.mean_recent_rows,
+            "turnaround_ms": None if b.last_turnaround is None else b.last_turnaround * 1000,
+            "fill_waits": b.waits,
+            "fill_wait_ms": b.wait_seconds * 1000,
+            "fill_timeouts": b.wait_timeouts,
         }
         return {"batching": batching, **self.family.status(list(self.resident))}
 

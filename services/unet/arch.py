@@ -96,7 +96,6 @@ class DiffusionModel(abc.ABC):
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "path": str(self.path),
             "family": self.family,
             "in_channels": self.in_channels,
             "precision": self.precision,

@@ -43,7 +43,10 @@ class UnetSettings:
         16, "Most latent rows in one forward; a single request with more rows is rejected.", minimum=1
     )
     max_delay_ms: float = setting(
-        4.0, "How long a step may wait for other clients' steps to join its batch.", minimum=0
+        20.0,
+        "Longest a batch waits, once the GPU is free, for the next steps of clients recently stepping the "
+        "same model and shape (the wait is their measured turnaround × 2, at most this; 0: never wait).",
+        minimum=0,
     )
     max_latent_pixels: int = setting(
         512 * 1024,

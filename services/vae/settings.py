@@ -15,7 +15,12 @@ class VaeSettings:
     )
     load_on_demand: bool = setting(True, "Load a VAE the first time a request names it.")
     max_batch: int = setting(8, "Most images decoded/encoded in one merged forward.", minimum=1)
-    max_delay_ms: float = setting(5.0, "How long a request may wait for others to join its batch.", minimum=0)
+    max_delay_ms: float = setting(
+        5.0,
+        "Longest a batch waits, once the GPU is free, for clients recently running the same operation on "
+        "the same shape (their measured turnaround × 2, at most this; 0: never wait).",
+        minimum=0,
+    )
     tile_size: int = setting(
         512, "Default tile size in pixels for tiled operations and the OOM fallback.", minimum=64
     )

@@ -26,6 +26,11 @@ _MAX_HEADER = 16 << 20
 
 def encode(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None = None) -> bytes:
     """Serialize CPU-or-GPU tensors (copied to CPU, made contiguous) and JSON params."""
+    metadata = {PARAMS_KEY: json.dumps(dict(params or {}), separators=(",", ":"))}
+    if not tensors:  # params only (every IPC request and reply): the header alone, without safetensors
+        header = json.dumps({"__metadata__": metadata}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+        return struct.pack("<Q", len(header)) + header
     cpu: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, t in tensors.items():
@@ -35,7 +40,6 @@ def encode(tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None
             t = t.clone()
         seen.add(t.data_ptr())
         cpu[name] = t
-    metadata = {PARAMS_KEY: json.dumps(dict(params or {}), separators=(",", ":"))}
     return st_save(cpu, metadata=metadata)
 
 
@@ -50,15 +54,22 @@ def decode(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             hint="the body was truncated or is not safetensors",
         )
     header = parse_object(blob[8 : 8 + header_len], "the safetensors header")
-    try:
-        tensors = st_load(blob)
-    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed case
-        raise InvalidBody(f"malformed safetensors body: {exc}") from None
+    if not set(header) - {"__metadata__"} and len(blob) == 8 + header_len:
+        tensors: dict[str, torch.Tensor] = {}  # params only: nothing for safetensors to parse
+    else:
+        tensors = _load(blob)
     metadata = header.get("__metadata__") or {}
     raw = metadata.get(PARAMS_KEY, "{}") if isinstance(metadata, dict) else None
     if not isinstance(raw, str):
         raise InvalidBody(f'__metadata__["{PARAMS_KEY}"] must be a JSON string of the request parameters')
     return tensors, parse_object(raw, "the request parameters")
+
+
+def _load(blob: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed case
+        raise InvalidBody(f"malformed safetensors body: {exc}") from None
 
 
 __all__ = ["CONTENT_TYPE", "PARAMS_KEY", "decode", "encode"]
