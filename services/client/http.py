@@ -192,17 +192,20 @@ class AsyncClient:
             target = _indexed(target)
         if not keep:
             return await self._send(op, tensors, params, target)
-        plan = self.held.plan(tensors, keep)
-        try:
-            out, out_params = await self._send(op, plan.tensors, {**params, HELD_PARAM: plan.param()}, target)
-        except UnknownReference:
-            # The service restarted or dropped what it held: send everything once more, in full.
-            self.held.forget()
-            self.held.counts.resent += 1
+
+        async def held_call() -> tuple[Tensors, dict[str, Any]]:
             plan = self.held.plan(tensors, keep)
             out, out_params = await self._send(op, plan.tensors, {**params, HELD_PARAM: plan.param()}, target)
-        self.held.confirm(plan, out_params.pop(HELD_PARAM, None))
-        return out, out_params
+            self.held.confirm(plan, out_params.pop(HELD_PARAM, None))
+            return out, out_params
+
+        try:
+            return await held_call()
+        except UnknownReference:
+            # The service restarted or dropped what it held: everything once more, in full.
+            self.held.forget()
+            self.held.counts.resent += 1
+            return await held_call()
 
     async def _send(
         self, op: str, tensors: Tensors, params: dict[str, Any], target: torch.device | None

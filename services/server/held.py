@@ -146,7 +146,15 @@ class HeldTensors:
                 details={"names": missing},
             )
         self.stats.hits += len(found)
-        return {**{n: t.to(self.device) for n, t in sent.items()}, **found}
+        moved = {n: t.to(self.device) for n, t in sent.items() if t.device != self.device}
+        if self.device.type == "cuda":
+            # Made on this thread's stream and read by the compute thread's (the default stream), which
+            # may still be at it when the reply has left (IPC replies leave once outputs are queued): the
+            # allocator must not hand their memory out again before that work is done.
+            compute = torch.cuda.default_stream(self.device)
+            for t in (*moved.values(), *found.values()):
+                t.record_stream(compute)
+        return {**sent, **moved, **found}
 
     def keep(self, client: str, spec: HeldSpec, sent: Mapping[str, torch.Tensor]) -> list[str]:
         """Keep copies of the tensors `spec.keep` names; returns the names kept."""

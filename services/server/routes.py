@@ -45,8 +45,8 @@ async def run_op(request: web.Request) -> web.StreamResponse:
     client = client_id(request)
     tensors, params = await http_body.read_tensors(request, _body_limit(request))
     spec = params.pop(IPC_PARAM, None)
-    holding = HeldSpec.parse(params[HELD_PARAM]) if HELD_PARAM in params else None
-    params.pop(HELD_PARAM, None)
+    raw_held = params.pop(HELD_PARAM, None)
+    holding = None if raw_held is None else HeldSpec.parse(raw_held)
 
     def abandoned() -> bool:
         return request.transport is None or request.transport.is_closing()
