@@ -14,8 +14,8 @@ wire/contract.py), resolved in routes.run_op before Service.run_op, so every fam
 - a `use` id the service does not hold for this client (restarted, evicted, idle, another client's id) is
   a 409 `unknown_reference`; the client then sends the tensors themselves again.
 
-A request carrying `_held` reaches the family with all its tensors on the service's device, so the
-batcher never merges host and device tensors of one input name.
+A request carrying `_held` reaches the family with all its tensors on the service's device, so held
+requests (the pack's every step) batch with one another without mixing host and device tensors.
 
 Bounds: `held_mb_per_client` and `held_mb` in total (least recently used entries dropped first, never an
 entry the same request keeps), clients that sent nothing for `held_idle_s` are dropped; an entry counts
