@@ -47,6 +47,7 @@ async def measure(args: argparse.Namespace, root: Path) -> tuple[list[dict], lis
         "LUNA_DTYPE": args.dtype,
         "LUNA_CLIP_PRELOAD": MODEL,
         "LUNA_CLIP_CACHE": "false",
+        "LUNA_CLIP_GRAPH_CAPTURE": "start",  # steady state: captured before ready
     }
     bpe = shared_bpe()
 

@@ -233,6 +233,7 @@ def run_clients(
                 f"{tag}: ComfyUI clients {failed or 'timed out'} before their first image:\n{logs}"
             )
         time.sleep(0.05)
+    captures_s = _captured(env.get("LUNA_UNET_URL"), args.timeout_s)
     batching = _batching(env.get("LUNA_UNET_URL"))
     with MemorySampler() as memory:
         began = time.time()
@@ -253,6 +254,7 @@ def run_clients(
         "images_per_min": 60 * len(ends) / (max(ends) - began),
         "step_ms": statistics.median(deltas) * 1000 if deltas else None,
         "first_image_s": statistics.median(r["first_image_s"] for r in reports),
+        "captures_waited_s": captures_s,
         "gpu_memory_gib": memory.gib,
         # Rows per UNet forward during the timed images (the stack's batcher).
         "mean_batch_rows": (after[1] - batching[1]) / (after[0] - batching[0])
@@ -260,6 +262,21 @@ def run_clients(
         else None,
         "first": load_file(str(work / "first.safetensors"))["image"],
     }
+
+
+def _captured(url: str | None, timeout_s: float) -> float | None:
+    """Seconds until the unet service has captured every graph the first images asked for (it captures in
+    idle time, which the clients waiting here give it): the timed images measure the steady state."""
+    if not url:
+        return None
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as reply:
+            models = json.load(reply)["graphs"]["models"]
+        if not any(m.get("pending") for m in models):
+            break
+        time.sleep(0.2)
+    return time.monotonic() - started
 
 
 def _batching(url: str | None) -> tuple[int, int] | None:
@@ -339,7 +356,15 @@ def floor_step_ms(args: argparse.Namespace, workflow: Workflow, clients: int) ->
     name = workflow.preload["unet"]
     model = load_diffusion_model(name, args.models / name, args.precision, device)
     rows = clients * workflow.rows_per_image
-    config = GraphConfig(enabled=True, buckets=(rows,), lazy=True, max_shapes=1, lora_slots=0, lora_rank=0)
+    config = GraphConfig(
+        enabled=True,
+        buckets=(rows,),
+        capture="first_use",
+        max_shapes=1,
+        lora_slots=0,
+        lora_rank=0,
+        min_gain=None,
+    )
     runner = build_runner(model, config, graphs=True)
     inputs = model.example_inputs(rows, workflow.height // 8, workflow.width // 8, seed=0)
     inputs["context"] = torch.randn(rows, args.context_tokens, inputs["context"].shape[2])

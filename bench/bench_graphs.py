@@ -99,7 +99,9 @@ def unet_rows(args: argparse.Namespace, root: Path, model: SdUnet) -> list[dict[
     cache = LoraCache(1 << 32, model.device, model.dtype)
     lora = cache.resolve(root / "loras" / lora_name, model.module, "unet")
     slots = attach_side_paths(model.module)
-    config = GraphConfig(True, tuple(args.buckets), False, 8, args.lora_slots, args.lora_max_rank)
+    config = GraphConfig(
+        True, tuple(args.buckets), "start", 8, args.lora_slots, args.lora_max_rank, min_gain=None
+    )
     runner = build_runner(model, config)
     shape = StepShape(args.latent, args.latent)
     started = time.perf_counter()
@@ -164,7 +166,9 @@ def clip_setup(args: argparse.Namespace, root: Path, device: torch.device, dtype
 def clip_rows(args: argparse.Namespace, root: Path, device: torch.device, dtype: torch.dtype) -> list[dict]:
     model, keep = clip_setup(args, root, device, dtype)
     cache = LoraCache(1 << 32, device, dtype)
-    config = GraphConfig(True, tuple(args.clip_buckets), False, 8, args.lora_slots, args.lora_max_rank)
+    config = GraphConfig(
+        True, tuple(args.clip_buckets), "start", 8, args.lora_slots, args.lora_max_rank, min_gain=None
+    )
     runners, stacks = {}, {}
     for key, enc in model.encoders.items():
         path = root / "loras" / f"bench-clip-{key}-r{args.rank}.safetensors"
@@ -349,7 +353,7 @@ def _manual(fn: Callable[..., Any], args_in: list, device: torch.device) -> tupl
     def forward(_shape: Any, inputs: dict[str, torch.Tensor]) -> Any:
         return fn(*[inputs.get(n) for n in names])
 
-    config = GraphConfig(True, (rows,), False, 1, 0, 1)
+    config = GraphConfig(True, (rows,), "start", 1, 0, 1, min_gain=None)
     runner = GraphRunner(
         "bench", "bench", forward, allocate, device, config, cuda_graphs=device.type == "cuda"
     )

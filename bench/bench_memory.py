@@ -3,7 +3,8 @@ pipelines (N ComfyUI instances, each with its own UNet): total used memory of th
 while all N clients are alive, after their steps (SDXL 1024², batch 2 = CFG).
 
 - stack_http: one `luna-stack serve unet` process with its defaults (batching on; on CUDA, graphs
-  captured at load for every batch bucket, so its memory is reserved up front) and N client processes
+  captured in the background for the keys the steps used, batch sizes that gain nothing left eager,
+  cached eager activations released once the service idles) and N client processes
   sending steps as host tensors over HTTP (they never touch CUDA);
 - stack_http_eager: the same with unet.graphs off: the caching allocator grows with the merged batch
   (batching trades activation memory, up to unet.max_batch rows, for throughput);

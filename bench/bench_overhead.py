@@ -193,6 +193,8 @@ async def measure(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
         }
         if operation.kind == "clip":
             env["LUNA_CLIP_CACHE"] = "false"  # measure the encode, not the conditioning cache
+        if operation.kind in ("clip", "unet"):  # steady state: graphs captured before ready
+            env[f"LUNA_{operation.kind.upper()}_GRAPH_CAPTURE"] = "start"
         with service_process(operation.kind, env) as url:
             rows.append(await measure_operation(operation, url, device, compute, args))
     compute.shutdown()

@@ -92,6 +92,9 @@ async def serve(args: argparse.Namespace, root: Path, **unet_env: Any) -> AsyncI
         "LUNA_MODEL_ROOTS": str(root),
         "LUNA_DEVICE": args.device,
         "LUNA_DTYPE": args.dtype,
+        # Steady state: graphs captured before ready and inline when first met, never eager while
+        # waiting for an idle moment a benchmark's back-to-back steps never give.
+        "LUNA_UNET_GRAPH_CAPTURE": "start",
         **{f"LUNA_UNET_{k.upper()}": str(v) for k, v in unet_env.items()},
     }
     service = build(load_settings(None, env=env))

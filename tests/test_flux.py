@@ -107,7 +107,7 @@ def test_runner_buffers_and_lora_bank_equal_eager(files, tmp_path) -> None:
     captured) equals the eager forward with the stacks through the row plan."""
     model = load_diffusion_model("f", files["flux_dev"], "fp32", CPU)
     a, b = flux_loras(model, tmp_path)
-    runner = build_runner(model, GraphConfig(True, (1, 2, 4), True, 4, 2, 8))
+    runner = build_runner(model, GraphConfig(True, (1, 2, 4), "first_use", 4, 2, 8))
     shape = FluxShape(10, 12, 7, (("input.1", 30), ("output.0", 20)))
     cycle = [((a, 0.8),), (), ((a, 0.5), (b, -1.0)), ((b, 1.2),)]
     for rows in (1, 3, 4):

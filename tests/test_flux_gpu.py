@@ -79,7 +79,12 @@ def test_graph_replays_equal_eager_with_lora_and_control(flux: FluxModel, tmp_pa
 
 async def test_service_defaults_flux_to_bf16_and_graphs_equal_graphs_off(models_dir, start_service) -> None:
     common = {"LUNA_DEVICE": "cuda:0", "LUNA_DTYPE": "fp16", "LUNA_UNET_MAX_DELAY_MS": "200"}
-    graphs = start_service(build_unet, make_settings(models_dir, LUNA_UNET_GRAPH_BUCKETS="1,2,4", **common))
+    graphs = start_service(
+        build_unet,
+        make_settings(
+            models_dir, LUNA_UNET_GRAPH_BUCKETS="1,2,4", LUNA_UNET_GRAPH_CAPTURE="first_use", **common
+        ),
+    )
     eager = start_service(build_unet, make_settings(models_dir, LUNA_UNET_GRAPHS="false", **common))
     cpu = load_diffusion_model("r", models_dir / DEV, "fp32", torch.device("cpu"))
     requests = [(step_inputs(cpu, h=16, w=16, tokens=9, seed=70 + i), {"model": DEV}) for i in range(4)]

@@ -54,7 +54,9 @@ FP32_TOL = {"rtol": 1e-5, "atol": 1e-5}
 def graph_config(
     buckets: Sequence[int] = (1, 2, 4), slots: int = 2, rank: int = 8, shapes: int = 4
 ) -> GraphConfig:
-    return GraphConfig(True, tuple(buckets), True, shapes, slots, rank)
+    """Graphs captured when first needed (the batch waits) and kept untimed: the CPU tests and the GPU
+    correctness tests need every key to replay."""
+    return GraphConfig(True, tuple(buckets), "first_use", shapes, slots, rank, min_gain=None)
 
 
 def unet_loras(models_dir: Path, model: SdUnet, folder: Path) -> dict[str, ResolvedLora]:
@@ -132,7 +134,10 @@ def test_round_up_picks_the_smallest_bucket_that_holds_the_rows() -> None:
     [
         ({"LUNA_UNET_GRAPH_BUCKETS": "0,2"}, "unet.graph_buckets must list positive batch sizes"),
         ({"LUNA_CLIP_GRAPH_BUCKETS": "2,two"}, "LUNA_CLIP_GRAPH_BUCKETS"),
-        ({"LUNA_UNET_GRAPH_CAPTURE": "eager"}, "unet.graph_capture must be one of start, lazy"),
+        (
+            {"LUNA_UNET_GRAPH_CAPTURE": "eager"},
+            "unet.graph_capture must be one of background, start, first_use, lazy",
+        ),
         ({"LUNA_UNET_GRAPH_LATENTS": "128"}, "unet.graph_latents entries look like 128x128"),
         ({"LUNA_UNET_LORA_SLOTS": "-1"}, "unet.lora_slots must be >= 0"),
         ({"LUNA_CLIP_LORA_MAX_RANK": "0"}, "clip.lora_max_rank must be >= 1"),
@@ -148,8 +153,9 @@ def test_graph_settings_from_yaml_and_environment(tmp_path: Path) -> None:
     path.write_text("unet:\n  graph_buckets: [2, 8]\n  graph_capture: lazy\n  lora_slots: 0\n")
     settings = load_settings(path, env={"LUNA_CLIP_GRAPHS": "false", "LUNA_CLIP_GRAPH_BUCKETS": "4,1"})
     unet, clip = settings.sections["unet"].graph, settings.sections["clip"].graph
-    assert (unet.buckets, unet.lazy, unet.lora_slots, unet.enabled) == ((2, 8), True, 0, True)
+    assert (unet.buckets, unet.capture, unet.lora_slots, unet.enabled) == ((2, 8), "first_use", 0, True)
     assert (clip.buckets, clip.enabled, clip.lora_rank) == ((1, 4), False, 64)
+    assert (clip.capture, clip.background, clip.min_gain, clip.idle_ms) == ("background", True, 0.05, 25.0)
 
 
 # -- batcher --------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from luna_stack.clip.encoder_graphs import default_layers
 from luna_stack.clip.family import build as build_clip
 from luna_stack.clip.models import load_clip_model
 from luna_stack.devtools.lora_fixtures import write_lora
+from luna_stack.gpu.graph_config import GraphConfig
+from luna_stack.gpu.graphs import GraphRunner, capture_one
 from luna_stack.lora import attach_side_paths
 from luna_stack.lora.stack import LoraStack
 from luna_stack.server.metrics import Metrics
@@ -146,6 +148,10 @@ async def test_unet_service_graphs_under_concurrency_equal_graphs_off(
             LUNA_UNET_GRAPH_BUCKETS="1,2,4",
             LUNA_UNET_LORA_MAX_RANK="8",
             LUNA_UNET_PRELOAD=SDXL,
+            # Captured before ready and inline when first met; every graph kept (the rule is timed:
+            # test_unet_service_captures_in_the_background_and_drops_nothing_that_gains).
+            LUNA_UNET_GRAPH_CAPTURE="start",
+            LUNA_UNET_GRAPH_MIN_GAIN="0",
             **common,
         ),
     )
@@ -195,9 +201,10 @@ async def test_unet_service_graphs_under_concurrency_equal_graphs_off(
     assert metric(eager.url, "luna_graph_forwards_total", 'path="graph"') == 0
     (model,) = status["graphs"]["models"]
     shapes = {(g["shape"], g["rows"], g["lora"]) for g in model["graphs"]}
-    # Start-up capture: the native 128x128 for every bucket, with and without the bank; 8x8 when met.
+    # Start-up capture: the native 128x128 for every bucket, without the bank (LoRA graphs are captured
+    # only for windows LoRA batches use); 8x8 when met, with the bank too.
     assert {(s, r, lora) for s, r, lora in shapes if s == "128x128 ctx77"} == {
-        ("128x128 ctx77", r, lora) for r in (1, 2, 4) for lora in (False, True)
+        ("128x128 ctx77", r, False) for r in (1, 2, 4)
     }
     assert ("8x8 ctx77", 4, True) in shapes
     assert all(g["bytes"] > 0 for g in model["graphs"]) and model["lora_bank"]["bytes"] > 0
@@ -213,7 +220,16 @@ async def test_clip_service_graphs_equal_graphs_off(models_dir: Path, start_serv
         write_lora(
             models_dir / "loras" / f"graphs-clip-{key}.safetensors", cpu.encoders[key].model, component
         )
-    graphs = start_service(build_clip, make_settings(models_dir, LUNA_CLIP_PRELOAD=CLIP_PAIR, **common))
+    graphs = start_service(
+        build_clip,
+        make_settings(
+            models_dir,
+            LUNA_CLIP_PRELOAD=CLIP_PAIR,
+            LUNA_CLIP_GRAPH_CAPTURE="start",  # no eager forward at all (asserted below)
+            LUNA_CLIP_GRAPH_MIN_GAIN="0",
+            **common,
+        ),
+    )
     eager = start_service(build_clip, make_settings(models_dir, LUNA_CLIP_GRAPHS="0", **common))
     prompts = [
         {"text": "a (red:1.2) fox in the snow"},
@@ -242,3 +258,121 @@ async def test_clip_service_graphs_equal_graphs_off(models_dir: Path, start_serv
     assert len(models) == 2 and all(m["graphs"] and all(g["bytes"] > 0 for g in m["graphs"]) for m in models)
     assert metric(graphs.url, "luna_graph_forwards_total", 'op="clip",path="graph"') >= 2
     assert metric(graphs.url, "luna_graph_forwards_total", 'path="eager"') == 0
+
+
+async def test_unet_service_captures_in_the_background_and_drops_nothing_that_gains(
+    models_dir: Path, start_service
+) -> None:
+    """The defaults (graph_capture background, graph_min_gain 0.05): ready with no graph, the first step
+    eager ("pending"), its graph captured and timed once the service idles, later steps replay it; a
+    batch above the buckets runs eager and its cached activations are released once the service idles."""
+    common = {"LUNA_DEVICE": "cuda:0", "LUNA_DTYPE": "fp16", "LUNA_UNET_PRELOAD": SDXL}
+    graphs = start_service(
+        build_unet,
+        make_settings(
+            models_dir,
+            LUNA_UNET_GRAPH_BUCKETS="1,2",
+            LUNA_UNET_GRAPH_IDLE_MS="20",
+            LUNA_UNET_RELEASE_IDLE_S="0.5",
+            **common,
+        ),
+    )
+    # Same process, same caching allocator: only the graphs service may release cached blocks here.
+    eager = start_service(
+        build_unet,
+        make_settings(models_dir, LUNA_UNET_GRAPHS="false", LUNA_UNET_RELEASE_IDLE_S="0", **common),
+    )
+    ref_unet = load_diffusion_model("r", models_dir / SDXL, "fp32", torch.device("cpu")).module
+    inputs = step_inputs(ref_unet, batch=2, seed=70)
+    async with AsyncClient("unet", url=graphs.url) as g, AsyncClient("unet", url=eager.url) as e:
+        (model,) = (await g.get_json("/v1/status"))["graphs"]["models"]
+        assert (model["graphs"], model["pending"], model["bank_bytes"]) == ([], [], 0)
+        ref, _ = await e.call("step", inputs, {"model": SDXL})
+        first, _ = await g.call("step", inputs, {"model": SDXL})
+        assert metric(graphs.url, "luna_graph_forwards_total", 'path="eager",reason="pending"') == 1
+        for _ in range(600):
+            (model,) = (await g.get_json("/v1/status"))["graphs"]["models"]
+            if model["graphs"]:
+                break
+            await asyncio.sleep(0.05)
+        (graph,) = model["graphs"]
+        assert (graph["shape"], graph["rows"], graph["lora"]) == ("8x8 ctx77", 2, False)
+        # The small fixture at 8x8 is launch-bound: the replay gains far more than 5 %.
+        assert 0 < graph["replay_ms"] < 0.95 * graph["eager_ms"], graph
+        assert model["pool_bytes"] > 0 and model["weights_bytes"] > 0 and model["no_gain"] == []
+        again, _ = await g.call("step", inputs, {"model": SDXL})
+        assert metric(graphs.url, "luna_graph_forwards_total", 'path="graph"') == 1
+        assert rel_err(first["out"], ref["out"]) < TOL and rel_err(again["out"], ref["out"]) < TOL
+        # 16 rows at 128x128: above the buckets, eager; its activations go back once the service idles.
+        big = step_inputs(ref_unet, batch=16, height=128, width=128, seed=71)
+        await g.call("step", big, {"model": SDXL})
+        busy = torch.cuda.memory_reserved(CUDA)
+        for _ in range(100):
+            if torch.cuda.memory_reserved(CUDA) < busy:
+                break
+            await asyncio.sleep(0.05)
+        assert torch.cuda.memory_reserved(CUDA) < busy
+        (model,) = (await g.get_json("/v1/status"))["graphs"]["models"]
+    assert len(model["graphs"]) == 1 and model["eager"] == {"pending": 1, "rows": 1}
+
+
+def test_a_graph_that_gains_nothing_is_freed_and_its_key_runs_eager() -> None:
+    """The no-gain rule on real timings: a launch-bound forward (150 small layers) keeps its graphs, the
+    second recorded into the first one's pool; four large GEMMs (GPU-bound: the same time either way)
+    lose theirs, and the memory the trial graph took goes back to the device."""
+    small = [torch.randn(256, 256, device=CUDA, dtype=torch.float16) * 0.05 for _ in range(150)]
+    big = [torch.randn(8192, 8192, device=CUDA, dtype=torch.bfloat16) * 0.01 for _ in range(4)]
+
+    def chain(weights, relu: bool):
+        def forward(_shape, inputs):
+            h = inputs["x"]
+            for w in weights:
+                h = h @ w
+                h = torch.relu(h) if relu else h
+            return h
+
+        return forward
+
+    def runner(name, weights, relu, buckets, width, dtype) -> GraphRunner:
+        def allocate(_shape, rows):
+            return {"x": torch.zeros(rows, width, device=CUDA, dtype=dtype)}
+
+        config = GraphConfig(True, buckets, "background", 1, 0, 1)  # min_gain 0.05, the default
+        return GraphRunner(name, "t", chain(weights, relu), allocate, CUDA, config)
+
+    def step(r: GraphRunner, x: torch.Tensor) -> torch.Tensor:
+        return r.run("s", {"x": [x]}, [(x.shape[0], ())]).clone()
+
+    fast = runner("launch-bound", small, True, (2, 4), 256, torch.float16)
+    inputs = [torch.randn(n, 256, device=CUDA, dtype=torch.float16) for n in (2, 4)]
+    eager = [step(fast, x) for x in inputs]
+    while capture_one([fast]):
+        pass
+    replays = [step(fast, x) for x in inputs]
+    assert fast.eager == {"pending": 2} and all(
+        torch.equal(r, e) for r, e in zip(replays, eager, strict=True)
+    )
+    status = fast.describe()
+    assert [g["rows"] for g in status["graphs"]] == [2, 4] and status["no_gain"] == []
+    assert all(g["replay_ms"] < 0.95 * g["eager_ms"] for g in status["graphs"]), status["graphs"]
+    assert status["graphs"][1]["bytes"] < status["graphs"][0]["bytes"]  # the shared pool held it
+    print("launch-bound:", [(g["rows"], g["eager_ms"], g["replay_ms"], g["bytes"]) for g in status["graphs"]])
+
+    slow = runner("gpu-bound", big, False, (4096,), 8192, torch.bfloat16)
+    x = torch.randn(4096, 8192, device=CUDA, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(CUDA)
+    ref = step(slow, x)
+    assert capture_one([slow]) is False
+    assert torch.equal(step(slow, x), ref)  # eager again, now for good
+    assert slow.eager == {"pending": 1, "no_gain": 1}
+    status = slow.describe()
+    (dropped,) = status["no_gain"]
+    assert status["graphs"] == [] and dropped["graph"] == "s x4096" and dropped["replay_ms"] > 1
+    del ref
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    # The trial graph's pool (4 x 64 MiB of activations) is gone; what stays is the cuBLAS workspace.
+    assert torch.cuda.memory_reserved(CUDA) - before < 100 * 2**20
+    print("gpu-bound:", dropped, (torch.cuda.memory_reserved(CUDA) - before) / 2**20, "MiB kept")

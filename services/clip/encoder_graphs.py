@@ -15,6 +15,7 @@ from luna_stack.gpu.graphs import GraphRunner
 from luna_stack.lora.bank import LoraBank
 from luna_stack.lora.side import Stack, attach_side_paths, row_groups
 from luna_stack.lora.stack import LoraStack
+from luna_stack.weights.precision import resident_bytes
 
 from .conditioning import Forward, choose_layer
 from .encoders import ClipEncoder, ForwardOutput
@@ -54,6 +55,7 @@ def build_runner(encoder: ClipEncoder, name: str, config: GraphConfig, counter: 
         bank=bank,
         counter=counter,
         cuda_graphs=encoder.device.type == "cuda",
+        weights_bytes=resident_bytes(encoder.model),
     )
 
 

@@ -6,7 +6,7 @@ CLIP-G), Flux (CLIP-L + T5-XXL) and SD3 (any of CLIP-L, CLIP-G, T5-XXL; t5_condi
 requests for one model run as one forward through the server's batcher; per-request LoRA goes through
 the side path; results are cached in Redis by content (model weights, tokens, weights, clip skip, LoRA
 file hashes). On CUDA each encoder's forward replays a captured graph per row bucket
-(encoder_graphs.py), LoRA through its static bank.
+(encoder_graphs.py; by default captured while the service is idle), LoRA through its static bank.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import torch
 from prometheus_client import Counter
 
 from luna_stack.config import Settings
+from luna_stack.gpu.graphs import capture_one
 from luna_stack.lora import LoraCache, row_groups
 from luna_stack.lora.request import parse_stack
 from luna_stack.lora.stack import LoraStack, resolve_stack, stack_key
 from luna_stack.server.family import (
+    IdlePolicy,
     ModelFamily,
     OpRequest,
     OpSpec,
@@ -128,9 +130,16 @@ class ClipFamily(ModelFamily[ClipModel, ClipWork]):
             for key, encoder in model.clips.items():  # T5 runs eager
                 runner = build_runner(encoder, name, self.graph_cfg, self.ctx.metrics.graph_forwards)
                 model.graphs[key] = runner
-                if not self.graph_cfg.lazy:
-                    runner.warm_up([default_layers(encoder, clip_layer_family(model.family))])
+                if self.graph_cfg.capture == "start":  # before the model is ready
+                    runner.warm_up([default_layers(encoder, clip_layer_family(model.family))], lora=False)
         return model
+
+    @property
+    def idle_policy(self) -> IdlePolicy:
+        return IdlePolicy(self.graph_cfg.idle_ms, self.graph_cfg.release_idle_s)
+
+    def background_work(self, models: Sequence[ClipModel]) -> bool:
+        return capture_one(r for m in models for r in m.graphs.values())
 
     def describe_model(self, model: ClipModel) -> dict[str, Any]:
         return {**model.describe(), "dtype": dtype_name(self.ctx.dtype), "device": str(self.ctx.device)}

@@ -10,9 +10,12 @@ from luna_stack.gpu.graph_config import (
     buckets_setting,
     capture_setting,
     graphs_setting,
+    idle_ms_setting,
     lora_rank_setting,
     lora_slots_setting,
     max_shapes_setting,
+    min_gain_setting,
+    release_idle_s_setting,
 )
 
 FLUX_T5_MIN = 256  # the T5 sequence of a Flux prompt is padded to 256 tokens: the cap cannot be lower
@@ -67,6 +70,9 @@ class ClipSettings:
     graph_max_shapes: int = max_shapes_setting("the set of layers a batch reads: clip skip")
     lora_slots: int = lora_slots_setting()
     lora_max_rank: int = lora_rank_setting()
+    graph_min_gain: float = min_gain_setting()
+    graph_idle_ms: float = idle_ms_setting()
+    release_idle_s: float = release_idle_s_setting()
 
     def __post_init__(self) -> None:
         GraphConfig.of(self, "clip")  # a bad bucket list stops the service at start, naming the key

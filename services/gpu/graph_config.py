@@ -28,12 +28,47 @@ def buckets_setting(default: list[str], rows: str) -> Any:
     )
 
 
+CAPTURE_MODES = ("background", "start", "first_use", "lazy")  # lazy: the old name of first_use
+
+
 def capture_setting(start: str) -> Any:
     return setting(
-        "start",
-        f"start: capture every bucket for {start} when a model loads; lazy: capture each when first "
-        "needed. Other shapes are always captured when first needed.",
-        choices=("start", "lazy"),
+        "background",
+        "background: a model is ready once its weights are resident; a batch whose graph is not captured "
+        "yet runs eager and its graph is captured while the service is idle (LoRA graphs only for slot "
+        f"windows LoRA batches used); start: capture every bucket for {start} before the model is "
+        "ready, other graphs when first needed, the request waiting (steady-state benchmarks); "
+        "first_use (or lazy): capture each graph when first needed, the request waiting.",
+        choices=CAPTURE_MODES,
+    )
+
+
+def min_gain_setting() -> Any:
+    return setting(
+        0.05,
+        "A captured graph is kept only if its replay is at least this fraction faster than the eager "
+        "forward (both timed at capture); otherwise it is freed and that batch size runs eager "
+        "(reason no_gain). 0 keeps every graph not slower than eager.",
+        minimum=0,
+        maximum=0.99,
+    )
+
+
+def idle_ms_setting() -> Any:
+    return setting(
+        25.0,
+        "Background graph captures start after the service has been idle this long (no request waiting "
+        "or computing), one at a time; a request arriving meanwhile waits for at most one capture.",
+        minimum=1,
+    )
+
+
+def release_idle_s_setting() -> Any:
+    return setting(
+        2.0,
+        "After this long without requests, release the device memory the caching allocator keeps from "
+        "eager batches (their activations), once per idle period; 0 = keep it.",
+        minimum=0,
     )
 
 
@@ -69,22 +104,34 @@ def lora_rank_setting() -> Any:
 class GraphConfig:
     enabled: bool
     buckets: tuple[int, ...]
-    lazy: bool
+    capture: str  # background | start | first_use (CAPTURE_MODES; lazy is read as first_use)
     max_shapes: int
     lora_slots: int
     lora_rank: int
+    min_gain: float | None = 0.05  # None: keep every graph untimed (benchmarks, correctness tests)
+    idle_ms: float = 25.0
+    release_idle_s: float = 2.0
 
     @classmethod
     def of(cls, section: Any, name: str) -> GraphConfig:
         """Read a settings section's graph keys (`name` is the section, for error messages)."""
+        capture = section.graph_capture
         return cls(
             enabled=section.graphs,
             buckets=parse_buckets(section.graph_buckets, f"{name}.graph_buckets"),
-            lazy=section.graph_capture == "lazy",
+            capture="first_use" if capture == "lazy" else capture,
             max_shapes=section.graph_max_shapes,
             lora_slots=section.lora_slots,
             lora_rank=section.lora_max_rank,
+            min_gain=section.graph_min_gain,
+            idle_ms=section.graph_idle_ms,
+            release_idle_s=section.release_idle_s,
         )
+
+    @property
+    def background(self) -> bool:
+        """Misses run eager and are captured when the service is idle (else: captured inline)."""
+        return self.capture == "background"
 
     def active_on(self, device: Any) -> bool:
         """Graphs need CUDA: on a CPU the service stays eager whatever the setting."""
@@ -95,7 +142,8 @@ class GraphConfig:
         return {
             "enabled": self.active_on(device),
             "buckets": list(self.buckets),
-            "capture": "lazy" if self.lazy else "start",
+            "capture": self.capture,
+            "min_gain": self.min_gain,
             "models": [r.describe() for r in runners],
         }
 

@@ -68,17 +68,14 @@ class LoraBank:
         self.rank = rank
         self.dtype = dtype
         self.device = torch.device(device)
+        # The banked modules' (in, out) features; their factor buffers are allocated when the first LoRA
+        # batch needs them (`allocate`): a service that never sees a LoRA never holds the bank.
+        self.features = {name: _features(m) for name, m in slots.modules.items() if bankable(m)}
+        self.convs = {
+            name for name, m in slots.modules.items() if name in self.features and isinstance(m, nn.Conv2d)
+        }
         self.down: dict[str, torch.Tensor] = {}
         self.up: dict[str, torch.Tensor] = {}
-        self.convs: set[str] = set()
-        for name, module in slots.modules.items():
-            if not bankable(module):
-                continue
-            fan_in, fan_out = _features(module)
-            self.down[name] = torch.zeros(self.width, fan_in, dtype=dtype, device=self.device)
-            self.up[name] = torch.zeros(fan_out, self.width, dtype=dtype, device=self.device)
-            if isinstance(module, nn.Conv2d):
-                self.convs.add(name)
         self._owner: list[weakref.ref[ResolvedLora] | None] = [None] * count
         self._written: list[dict[str, int]] = [{} for _ in range(count)]  # slot -> module -> rank written
         self._last_use = [0] * count
@@ -99,13 +96,27 @@ class LoraBank:
 
     @property
     def nbytes(self) -> int:
+        """Device bytes the factor buffers hold now (0 until the first LoRA batch)."""
         return sum(t.numel() * t.element_size() for d in (self.down, self.up) for t in d.values())
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.down) or not self.features
+
+    def allocate(self) -> None:
+        """The zeroed factor buffers of every banked module (once)."""
+        if self.allocated:
+            return
+        for name, (fan_in, fan_out) in self.features.items():
+            self.down[name] = torch.zeros(self.width, fan_in, dtype=self.dtype, device=self.device)
+            self.up[name] = torch.zeros(fan_out, self.width, dtype=self.dtype, device=self.device)
 
     def describe(self) -> dict[str, Any]:
         return {
             "slots": self.count,
             "max_rank": self.rank,
-            "modules": len(self.down),
+            "modules": len(self.features),
+            "allocated": self.allocated,
             "bytes": self.nbytes,
             "resident": [o().name if o is not None and o() is not None else None for o in self._owner],
             "fills": self.fills,
@@ -119,7 +130,7 @@ class LoraBank:
         if lora not in self._misfit:
             reason = None
             for name, f in lora.factors.items():
-                if name not in self.down:
+                if name not in self.features:
                     reason = f"module {name} has no bank slot (only Linear and 1x1 convs are banked)"
                 elif f.rank > self.rank:
                     reason = f"rank {f.rank} at {name} exceeds the bank's max rank {self.rank}"
@@ -144,6 +155,7 @@ class LoraBank:
         for a in wanted:
             if model is not None and not a.belongs_to(model):
                 raise ValueError(f"LoRA {a.name} was resolved against another model than this bank's")
+        self.allocate()
         slot_of = {a: s for a in wanted if (s := self._slot_of(a)) is not None}
         self.hits += len(slot_of)
         taken = set(slot_of.values())
@@ -212,6 +224,7 @@ class LoraBank:
     def active(self, scale: torch.Tensor, window: Window) -> Iterator[None]:
         """Forwards inside add the bank's side path over slots `window`, rows weighted by `scale`
         [rows, slots in window · r_max] (what gets captured)."""
+        self.allocate()
         with self.slots.use_bank(self, scale, window):
             yield
 

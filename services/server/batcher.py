@@ -307,6 +307,7 @@ class Batcher(Generic[I, R]):
                 # Alone, or a failure no request caused (everyone left, the service is stopping).
                 for p in batch:
                     self._resolve(p, error=exc)
+                self._delivered(batch)
             else:
                 log.warning(
                     "%s: batch of %d failed (%s); retrying each request alone", self.op, len(batch), exc
@@ -321,6 +322,7 @@ class Batcher(Generic[I, R]):
                 await self._executor.run(self._settle)
             except Exception:  # the results are out; a device error surfaces in the next batch
                 log.exception("%s: waiting for the device after a batch failed", self.op)
+        self._delivered(batch)  # after settling: IPC clients read their outputs once the device is done
         self._computed(started)
 
     def _computed(self, started: float) -> None:
@@ -335,6 +337,11 @@ class Batcher(Generic[I, R]):
             p.future.set_exception(error)
         else:
             p.future.set_result(result)
-        seen = self._seen.get((p.key, p.client))
-        if seen is not None and seen.enqueued <= p.enqueued:  # its latest request: the turnaround starts
-            seen.delivered = time.monotonic()
+
+    def _delivered(self, batch: list[_Pending[I, R]]) -> None:
+        """The batch's results are usable by its clients: their turnarounds start now."""
+        now = time.monotonic()
+        for p in batch:
+            seen = self._seen.get((p.key, p.client))
+            if seen is not None and seen.enqueued <= p.enqueued:  # its latest request
+                seen.delivered = now

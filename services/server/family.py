@@ -96,6 +96,14 @@ class BatchPolicy:
     buckets: tuple[int, ...] | None = None  # CUDA graph batch sizes the batcher fits batches to
 
 
+@dataclass(frozen=True)
+class IdlePolicy:
+    """What a service does while no request waits or runs (server/service.py)."""
+
+    work_ms: float  # quiet time before each unit of `background_work`
+    release_s: float  # quiet time after requests before cached device memory is released; 0: never
+
+
 @dataclass
 class ServiceContext:
     """What the server gives a family: the device, the roots, the compute thread, shared Redis."""
@@ -159,6 +167,11 @@ class ModelFamily(abc.ABC, Generic[M, W]):
         return BatchPolicy(self.cfg.max_batch, self.cfg.max_delay_ms)
 
     @property
+    def idle_policy(self) -> IdlePolicy | None:
+        """None: the service does nothing while idle."""
+        return None
+
+    @property
     def preload(self) -> Sequence[str]:
         return self.cfg.preload
 
@@ -190,6 +203,11 @@ class ModelFamily(abc.ABC, Generic[M, W]):
         """Runs once before the preload list is loaded (ctx.redis is set by then, if configured)."""
 
     async def shutdown(self) -> None: ...
+
+    def background_work(self, models: Sequence[M]) -> bool:
+        """One unit of deferred work (a graph capture) on the compute thread, run while the service is
+        idle (`idle_policy`); True while more remains."""
+        return False
 
     def status(self, models: Sequence[M]) -> dict[str, Any]:
         """Family-specific status (caches, graphs), merged into GET /v1/status."""

@@ -4,7 +4,10 @@ the compute thread, IPC buffers, progress and metrics. The routes (routes.py) an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import logging
 import os
 import socket
 import uuid
@@ -17,7 +20,15 @@ from luna_stack.config import Settings
 from luna_stack.gpu.device import gpu_uuid, select_device, select_dtype
 from luna_stack.server.batcher import Batcher
 from luna_stack.server.executor import GpuExecutor
-from luna_stack.server.family import ModelFamily, OpRequest, Params, ServiceContext, Tensors, Work
+from luna_stack.server.family import (
+    IdlePolicy,
+    ModelFamily,
+    OpRequest,
+    Params,
+    ServiceContext,
+    Tensors,
+    Work,
+)
 from luna_stack.server.ipc import IpcBuffers, Sink
 from luna_stack.server.metrics import Metrics
 from luna_stack.server.progress import ProgressTable
@@ -29,6 +40,8 @@ from luna_stack.wire.tensors import check_finite, dtype_name
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
 
 
 class Service:
@@ -78,6 +91,9 @@ class Service:
             buckets=policy.buckets,
             settle=(lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None,
         )
+        self._done = 0  # requests finished and models loaded: what "idle" watches
+        self._touched = asyncio.Event()
+        self._idle_task: asyncio.Task[None] | None = None
 
     # -- requests ---------------------------------------------------------------------------------------
     async def run_op(
@@ -105,9 +121,12 @@ class Service:
             key = self.family.batch_key(work)
             return await self.batcher.enqueue(key, work, rows=work.rows, client=client)
 
-        reply = await self.family.serve(
-            OpRequest(op, model, tensors, params, client, sink, compute, abandoned)
-        )
+        try:
+            reply = await self.family.serve(
+                OpRequest(op, model, tensors, params, client, sink, compute, abandoned)
+            )
+        finally:
+            self._touch()
         return reply.tensors, reply.params
 
     def _run_batch(self, _key: Hashable, works: list[Work]) -> list[Any]:
@@ -115,14 +134,60 @@ class Service:
 
     # -- models -----------------------------------------------------------------------------------------
     async def preload(self) -> None:
-        """Start the family, then load the preload list (/health/ready waits for this)."""
+        """Start the family and its idle work, then load the preload list (/health/ready waits for this:
+        graph captures other than graph_capture=start ones come after it)."""
         await self.family.startup()
+        policy = self.family.idle_policy
+        if policy is not None and self._idle_task is None:
+            self._idle_task = asyncio.create_task(self._idle_work(policy))
         for name in self.family.preload:
             await self.resident.get(name, preload=True)
+            self._touch()
 
     async def load(self, name: str) -> dict[str, Any]:
         """POST /v1/<kind>/load {"model": name}: make a model resident now (not on first use)."""
-        return self.family.describe_model(await self.resident.get(name, preload=True))
+        model = await self.resident.get(name, preload=True)
+        self._touch()
+        return self.family.describe_model(model)
+
+    # -- idle work --------------------------------------------------------------------------------------
+    def _touch(self) -> None:
+        self._done += 1
+        self._touched.set()
+
+    async def _until_quiet(self, seconds: float) -> None:
+        """Until, for `seconds`, no request or load has finished, none waits in the batcher and the
+        compute thread is free."""
+        while True:
+            done = self._done
+            await asyncio.sleep(seconds)
+            if done == self._done and self.batcher.depth == 0 and not self.executor.busy:
+                return
+
+    async def _idle_work(self, policy: IdlePolicy) -> None:
+        """After requests or loads: the family's background work (graph captures), one unit at a time and
+        each only once the service is quiet, so a request arriving meanwhile waits for at most one unit;
+        then, after `release_s` without requests, the caching allocator's cached blocks (activations of
+        eager batches) go back to the device, once per idle period."""
+        while True:
+            await self._touched.wait()
+            self._touched.clear()
+            try:
+                more = True
+                while more:
+                    await self._until_quiet(policy.work_ms / 1000)
+                    more = await self.executor.run(self.family.background_work, list(self.resident))
+                if not policy.release_s or self.device.type != "cuda":
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._touched.wait(), policy.release_s)
+                    continue  # more traffic: start over (the event is still set)
+                if self.batcher.depth == 0 and not self.executor.busy:
+                    await self.executor.run(_release_memory, self.device, collect=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a capture's own failures are the runner's; this keeps the loop alive
+                log.exception("%s: idle work failed", self.kind)
 
     async def unload(self, name: str) -> bool:
         """POST /v1/<kind>/unload {"model": name}. Requests already holding the model still finish."""
@@ -168,12 +233,17 @@ class Service:
         return {"batching": batching, **self.family.status(list(self.resident))}
 
     async def shutdown(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle_task
         await self.batcher.close()
         await self.family.shutdown()
         self.executor.shutdown()
 
 
-def _release_memory(device: torch.device) -> None:
-    gc.collect()
+def _release_memory(device: torch.device, collect: bool = True) -> None:
+    if collect:
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

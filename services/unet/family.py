@@ -10,7 +10,8 @@ Concurrent steps of the same model whose inputs have the same shape (StepInputs.
 context length, control slots) and dtype are merged into one forward; a request's rows (a cond/uncond
 pair) always stay together, and each request's LoRA stack applies to its own rows only, beside the frozen
 weights. Every batch goes through the model's step runner (step_runner.py): a captured CUDA graph of its
-(shape, batch bucket) where graphs are on, the same forward eager otherwise.
+(shape, batch bucket) where graphs are on and one is captured (by default while the service is idle,
+`background_work`), the same forward eager otherwise.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import torch
 
 from luna_stack.config import Settings
 from luna_stack.gpu.graph_config import parse_latents
+from luna_stack.gpu.graphs import capture_one
 from luna_stack.lora.cache import LoraCache
 from luna_stack.lora.request import parse_stack
 from luna_stack.lora.stack import LoraStack, resolve_stack
 from luna_stack.server.family import (
     BatchPolicy,
+    IdlePolicy,
     ModelFamily,
     OpRequest,
     OpSpec,
@@ -135,10 +138,19 @@ class UnetFamily(ModelFamily[DiffusionModel, Step]):
         model.runner = build_runner(
             model, self.graph_cfg, self.ctx.metrics.graph_forwards, graphs=self.graphs_on
         )
-        if self.graphs_on and not self.graph_cfg.lazy:
-            latents = parse_latents(self.cfg.graph_latents, "unet.graph_latents")
-            model.runner.warm_up(model.warm_up_shapes(latents))
+        latents = parse_latents(self.cfg.graph_latents, "unet.graph_latents")
+        if self.graphs_on and self.graph_cfg.capture == "start":
+            model.runner.warm_up(model.warm_up_shapes(latents), lora=False)  # before the model is ready
+        elif self.graphs_on and self.graph_cfg.background and latents:
+            model.runner.plan(model.warm_up_shapes(latents))  # after what traffic asks for
         return model
+
+    @property
+    def idle_policy(self) -> IdlePolicy:
+        return IdlePolicy(self.graph_cfg.idle_ms, self.graph_cfg.release_idle_s)
+
+    def background_work(self, models: Sequence[DiffusionModel]) -> bool:
+        return self.graphs_on and capture_one(m.runner for m in models)
 
     # -- LoRA -----------------------------------------------------------------------------------------
     def _lora_cache(self, dtype: torch.dtype) -> LoraCache:

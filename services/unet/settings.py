@@ -10,10 +10,13 @@ from luna_stack.gpu.graph_config import (
     buckets_setting,
     capture_setting,
     graphs_setting,
+    idle_ms_setting,
     lora_rank_setting,
     lora_slots_setting,
     max_shapes_setting,
+    min_gain_setting,
     parse_latents,
+    release_idle_s_setting,
 )
 
 
@@ -63,12 +66,16 @@ class UnetSettings:
     graph_capture: str = capture_setting("the graph_latents sizes at 77 context tokens")
     graph_latents: list[str] = setting(
         [],
-        "Latent sizes HxW captured at start (graph_capture=start); empty = the family's native size "
-        "(SDXL 128x128, SD1.5 64x64). env: comma-separated.",
+        "Latent sizes HxW (at 77 context tokens) whose graphs are captured without waiting for traffic: "
+        "before ready with graph_capture=start (empty = the family's native size: SDXL 128x128, SD1.5 "
+        "64x64), after the graphs traffic asked for with background (empty = none). env: comma-separated.",
     )
     graph_max_shapes: int = max_shapes_setting("latent size, context length, ControlNet slots")
     lora_slots: int = lora_slots_setting()
     lora_max_rank: int = lora_rank_setting()
+    graph_min_gain: float = min_gain_setting()
+    graph_idle_ms: float = idle_ms_setting()
+    release_idle_s: float = release_idle_s_setting()
 
     def __post_init__(self) -> None:
         GraphConfig.of(self, "unet")  # a bad bucket list stops the service at start, naming the key

@@ -1,7 +1,8 @@
 """The runner of a diffusion model's steps (gpu/graphs.py GraphRunner), for any architecture (arch.py):
 its `allocate` gives a graph's static inputs and its `forward` is what eager batches and captured graphs
 both run. With graphs off the runner runs every batch eager; with them on it replays a graph per
-(StepInputs.shape, row bucket), LoRA stacks through the graph's static adapter bank."""
+(StepInputs.shape, row bucket), LoRA stacks through the graph's static adapter bank (allocated when the
+first LoRA batch needs it)."""
 
 from __future__ import annotations
 
@@ -38,4 +39,5 @@ def build_runner(
         counter=counter,
         cuda_graphs=model.device.type == "cuda",
         enabled=graphs,
+        weights_bytes=model.nbytes,
     )
