@@ -16,7 +16,7 @@ import torch
 
 from .errors import LunaStackPatchError, check_remote_safe
 from .lora_stack import add_to_options, stack_in
-from .remote import Services
+from .remote import Services, wire_dtype
 
 # The unet service's family (and, for Flux, whether the model embeds guidance) -> ComfyUI's model config.
 _CONFIGS = {
@@ -35,13 +35,19 @@ class RemoteDiffusionModel(torch.nn.Module):
     own Flux does)."""
 
     def __init__(
-        self, services: Services, model: str, dtype: torch.dtype = torch.float32, guidance_embed: bool = False
+        self,
+        services: Services,
+        model: str,
+        dtype: torch.dtype = torch.float32,
+        guidance_embed: bool = False,
+        wire_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         self.services = services
         self.model_name = model
         self._dtype = dtype
         self.guidance_embed = guidance_embed
+        self.wire_dtype = wire_dtype  # the service's compute dtype: what steps travel in
 
     @property
     def dtype(self) -> torch.dtype:
@@ -68,7 +74,7 @@ class RemoteDiffusionModel(torch.nn.Module):
         if not self.guidance_embed:
             guidance = None
         out = self.services.unet_step(
-            self.model_name, x, timesteps, context, y, control, stack_in(options), guidance
+            self.model_name, x, timesteps, context, y, control, stack_in(options), guidance, self.wire_dtype
         )
         return out.to(device=x.device, dtype=x.dtype)
 
@@ -92,7 +98,9 @@ def remote_model(services: Services, model: str, info: dict[str, Any]) -> comfy.
     config.set_inference_dtype(torch.float32, None)
     device = comfy.model_management.get_torch_device()
     base = config.get_model({}, device=device)
-    base.diffusion_model = RemoteDiffusionModel(services, model, guidance_embed=family == "flux")
+    base.diffusion_model = RemoteDiffusionModel(
+        services, model, guidance_embed=family == "flux", wire_dtype=wire_dtype(info)
+    )
     base.memory_required = lambda input_shape, cond_shapes=None: 0  # the memory is the service's
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 

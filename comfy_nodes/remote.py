@@ -25,6 +25,10 @@ from .wire import control_to_wire, image_to_wire
 Progress = Callable[[int, int], None]
 PROGRESS_POLL_S = 0.25
 LISTING_TTL_S = 2.0  # one prompt's validation asks for the same lists many times
+# Step inputs that stay the same through a sampling run: sent once, then referred to (client/held.py).
+STICKY = ("context", "y", "guidance")
+# The unet service's `dtype` (its models' compute dtype, GET /v1/unet/load) -> the dtype steps travel in.
+WIRE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # This ComfyUI process as the services see it: batching fairness, IPC buffer ownership, per-client counts.
 CLIENT_NAME = f"comfyui-{socket.gethostname()}-{os.getpid()}"
 
@@ -77,20 +81,22 @@ class Services:
         params: Mapping[str, Any],
         progress: Progress | None = None,
         stage: bool = False,
+        keep: tuple[str, ...] = (),
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """One operation; with `stage`, host inputs and outputs go through CUDA IPC where it applies and
-        the outputs come back on the host, where ComfyUI keeps images, latents and conditioning."""
+        the outputs come back on the host, where ComfyUI keeps images, latents and conditioning. `keep`:
+        the sticky inputs (sent once, then referred to while unchanged)."""
         client = self.client(kind)
         try:
             gpu = self._ipc_gpu(client) if stage else None
             if gpu is not None:
                 tensors = {name: t.to(gpu) for name, t in (tensors or {}).items()}
             if progress is None:
-                out, info = client.call(op, tensors, params, device=gpu)
+                out, info = client.call(op, tensors, params, device=gpu, keep=keep)
             else:
                 request_id = uuid.uuid4().hex
                 params = {**params, "request_id": request_id}
-                future = self._pollers.submit(client.call, op, tensors, params, device=gpu)
+                future = self._pollers.submit(client.call, op, tensors, params, device=gpu, keep=keep)
                 while True:
                     try:
                         out, info = future.result(timeout=PROGRESS_POLL_S)
@@ -248,18 +254,33 @@ class Services:
         control: Mapping[str, Any] | None = None,
         lora: LoraStack = LoraStack(),
         guidance: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        tensors: dict[str, torch.Tensor] = {"x": x, "timesteps": timesteps, "context": context}
+        """One step; the output in x's dtype. `dtype`: the model's compute dtype (wire_dtype of its
+        description). x, context, y and control then travel in it: the service casts them to it anyway
+        and computes `out` in it, so the result is bitwise the same as sending float32, in half the bytes.
+        Timesteps and guidance stay float32 (the service embeds them in float32)."""
+
+        def compact(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        tensors = {"x": compact(x), "timesteps": timesteps.float(), "context": compact(context)}
         if y is not None:
-            tensors["y"] = y
+            tensors["y"] = compact(y)
         if guidance is not None:
-            tensors["guidance"] = guidance
+            tensors["guidance"] = guidance.float()
         control_tensors, lengths = control_to_wire(control)
-        tensors.update(control_tensors)
+        tensors.update({name: compact(t) for name, t in control_tensors.items()})
         params: dict[str, Any] = {"model": model, "lora": lora.to_wire()}
         if lengths:
             params["control_lengths"] = lengths
-        return self.call("unet", "step", tensors, params)[0]["out"]
+        out = self.call("unet", "step", tensors, params, keep=STICKY)[0]["out"]
+        return out.to(x.dtype)
+
+
+def wire_dtype(info: Mapping[str, Any]) -> torch.dtype | None:
+    """The dtype a model's steps travel in, from the unet service's description (None: as given)."""
+    return WIRE_DTYPES.get(str(info.get("dtype")))
 
 
 def comfy_device() -> torch.device:

@@ -132,6 +132,20 @@ class CoreSettings:
         "request); buffers of exited clients are unmapped at once when they share the PID namespace.",
         minimum=1,
     )
+    held_mb: float = setting(
+        512.0,
+        "Most MiB of held tensors (conditioning a client sent once and refers to afterwards) a service "
+        "keeps on its device for all clients together; the least recently used go first.",
+        minimum=0,
+    )
+    held_mb_per_client: float = setting(
+        64.0,
+        "Most MiB of held tensors per client; a tensor larger than this is not kept (sent every time).",
+        minimum=0,
+    )
+    held_idle_s: float = setting(
+        600.0, "A client's held tensors are dropped after it sent no request for this long.", minimum=1
+    )
     heartbeat_s: float = setting(
         5.0, "Registry heartbeat period; entries expire after 3 periods.", minimum=0.1
     )

@@ -28,6 +28,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
             {"operation", "in_process_gpu_ms", "in_process_cpu_ms", "http_ms", "http/in_process"},
         ),
         ("bench_clip.py", "clip-small.json", {"prompts", "merged_ms", "sequential/merged"}),
+        ("bench_wire.py", "wire-small.json", {"variant", "step_ms", "request_kb", "bytes_vs_before"}),
         (
             "bench_memory.py",
             "memory-small.json",
@@ -49,6 +50,7 @@ def test_bench_script_runs_small(script: str, result: str, columns: set[str]) ->
         "bench_clip.py": ["--repeats", "2", "--batches", "1,2"],
         "bench_memory.py": ["--clients", "1,2", "--steps", "1", "--modes", "stack_http,in_process"],
         "bench_precision.py": ["--steps", "2"],
+        "bench_wire.py": ["--steps", "2"],
     }[script]
     proc = subprocess.run(
         [sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--small", *extra],

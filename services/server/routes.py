@@ -17,10 +17,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from luna_stack.gpu.nvml import nvml_status
 from luna_stack.jobs.queue import JobQueue
 from luna_stack.server import http_body
-from luna_stack.server.ipc import HOST
+from luna_stack.server.family import Tensors
+from luna_stack.server.held import HeldSpec, HeldTensors
+from luna_stack.server.ipc import HOST, Sink
 from luna_stack.server.middleware import client_id
 from luna_stack.server.state import SERVICE, STATE
 from luna_stack.wire import codec
+from luna_stack.wire.contract import HELD_KEPT, HELD_PARAM
 from luna_stack.wire.errors import BadRequest, LunaError, NoQueue, NotFound
 from luna_stack.wire.ipc import PARAM as IPC_PARAM
 
@@ -30,28 +33,43 @@ def _body_limit(request: web.Request) -> http_body.BodyLimits:
 
 
 # -- operations ---------------------------------------------------------------------------------------
+HELD = web.AppKey("held", HeldTensors)
+
+
 async def run_op(request: web.Request) -> web.StreamResponse:
-    """POST /v1/<kind>/<op>: tensors in the body, or in the client's IPC buffers when params say so."""
+    """POST /v1/<kind>/<op>: tensors in the body, or in the client's IPC buffers when params say so, and
+    tensors the service holds for the client where params `_held` refers to them (held.py)."""
     service = request.app[SERVICE]
+    held = request.app[HELD]
     op = request.match_info["op"]
     client = client_id(request)
     tensors, params = await http_body.read_tensors(request, _body_limit(request))
     spec = params.pop(IPC_PARAM, None)
+    raw_held = params.pop(HELD_PARAM, None)
+    holding = None if raw_held is None else HeldSpec.parse(raw_held)
 
     def abandoned() -> bool:
         return request.transport is None or request.transport.is_closing()
 
+    async def run(sent: Tensors, sink: Sink) -> tuple[Tensors, dict[str, Any]]:
+        if holding is None:
+            return await service.run_op(op, sent, params, client, sink, abandoned)
+        inputs = held.resolve(client, holding, sent)
+        out, out_params = await service.run_op(op, inputs, params, client, sink, abandoned)
+        kept = held.keep(client, holding, inputs)
+        return out, {**out_params, HELD_PARAM: {HELD_KEPT: kept}}
+
     if spec is None:
         service.metrics.transport.labels(transport="http").inc()
-        out, out_params = await service.run_op(op, tensors, params, client, HOST, abandoned)
+        out, out_params = await run(tensors, HOST)
         return await http_body.write_tensors(request, out, out_params)
     service.metrics.transport.labels(transport="ipc").inc()
 
-    async def through_ipc() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    async def through_ipc() -> tuple[Tensors, dict[str, Any], dict[str, Any]]:
         async with service.ipc.request(spec, client) as (inputs, sink):
             if clash := sorted(set(inputs) & set(tensors)):
                 raise BadRequest(f"tensors {clash} were sent both in the body and through IPC")
-            out, out_params = await service.run_op(op, {**tensors, **inputs}, params, client, sink, abandoned)
+            out, out_params = await run({**tensors, **inputs}, sink)
             if any(name not in sink.placed for name in out):
                 await service.ipc.put_rest(sink, out)
         body = {name: t for name, t in out.items() if name not in sink.placed}
@@ -131,6 +149,11 @@ async def submit_job(request: web.Request) -> web.Response:
             "queued jobs cannot use CUDA IPC buffers: a job may run after the client is gone",
             hint="send the tensors in the body, or call POST /v1/<kind>/<op> synchronously",
         )
+    if HELD_PARAM in params:
+        raise BadRequest(
+            "queued jobs cannot refer to held tensors: a job may run on another replica, or later",
+            hint=f"send the tensors themselves, without params.{HELD_PARAM}",
+        )
     job_id = await _queue(request).submit(op, blob)
     return web.json_response({"job_id": job_id, "kind": service.kind, "op": op}, status=202)
 
@@ -207,6 +230,7 @@ async def status(request: web.Request) -> web.Response:
         "redis": state.redis is not None,
         "gpu": nvml_status(),
         "ipc": service.ipc.describe(),
+        "held": request.app[HELD].describe(),
         **service.status(),
     }
     return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
@@ -233,6 +257,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application, kind: str) -> None:
+    app[HELD] = HeldTensors.of(app[SERVICE].device, app[SERVICE].settings.core)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
     app.router.add_get("/v1/status", status)

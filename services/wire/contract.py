@@ -17,6 +17,17 @@ CONTENT_TYPE = "application/vnd.luna.safetensors"
 CLIENT_HEADER = "X-Luna-Client"  # the caller's stable name: batching fairness, IPC buffer ownership
 OPEN_PATHS = ("/health/live", "/health/ready")  # answered without the bearer token
 
+# Held tensors (server/held.py, client/held.py): params `"_held": {"keep": {name: id}, "use": {name: id}}`.
+# `keep`: the request carries tensor `name` and the service keeps a copy under `id`, per client; `use`:
+# the request leaves `name` out and the service takes the copy it kept under `id` (409
+# `unknown_reference` when it has none: the client sends the tensor again). The reply's params say which
+# kept names the service actually kept: `"_held": {"kept": [name, ...]}`.
+HELD_PARAM = "_held"
+HELD_KEEP = "keep"
+HELD_USE = "use"
+HELD_KEPT = "kept"
+HELD_ID_CHARS = 64  # longest id a client may choose
+
 # Control residuals of a UNet step travel as tensors `control.<kind>.<index>`.
 CONTROL_KINDS = ("input", "middle", "output")
 # CLIPTextEncodeSDXL's size conditioning and its defaults, passed through the CLIP service.

@@ -73,6 +73,14 @@ class UnknownIpcBuffer(NotFound):
     code = "unknown_ipc_buffer"
 
 
+class UnknownReference(LunaError):
+    """A request refers to a held tensor the service does not have (restarted, evicted, another
+    client's id): the client sends the tensor itself again."""
+
+    status = 409
+    code = "unknown_reference"
+
+
 class LimitExceeded(BadRequest):
     """A request over a cost limit: the message names the limit and the setting that raises it."""
 
