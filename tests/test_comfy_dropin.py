@@ -129,6 +129,7 @@ def test_shared_loaders_list_the_names_comfyuis_loaders_list(layout: Path, pack:
         assert _listed(node, key) == names_comfy, node
     assert expected[("LunaStackCheckpointLoader", "ckpt_name")] == [
         "sd15.safetensors",
+        "sd_xl_base_1.0.safetensors",
         "subdir/xl.SAFETENSORS",
         "v1-5-pruned-emaonly.safetensors",
     ]
@@ -167,7 +168,7 @@ def test_a_missing_model_is_one_sentence_naming_service_url_and_remedy(pack: Ser
         f"The Luna Stack UNET service at {stack['unet']} (LUNA_UNET_URL) does not serve "
         "checkpoints/nope.safetensors: put the file into checkpoints/ under the stack's model roots "
         "(share the models folder with ComfyUI), or pick one it serves: sd15.safetensors, "
-        "subdir/xl.SAFETENSORS, v1-5-pruned-emaonly.safetensors."
+        "sd_xl_base_1.0.safetensors, subdir/xl.SAFETENSORS, v1-5-pruned-emaonly.safetensors."
     )
     with pytest.raises(LunaStackModelMissing) as info:
         nodes.SharedVAELoader().load("nope.safetensors")

@@ -379,7 +379,11 @@ class GraphRunner:
         stacks: Sequence[tuple[int, Stack]],
     ) -> Any:
         """The forward on the batch itself, LoRA stacks through the side paths' row-group plan."""
-        inputs = {name: torch.cat(list(ts)) if len(ts) > 1 else ts[0] for name, ts in parts.items()}
+        # A merged batch may mix device tensors (IPC, held) with an HTTP request's host tensors.
+        inputs = {
+            name: torch.cat([t.to(self.device) for t in ts]) if len(ts) > 1 else ts[0]
+            for name, ts in parts.items()
+        }
         lora = any(strength != 0 for _, stack in stacks for _, strength in stack)
         with torch.inference_mode():
             if not lora:
