@@ -90,6 +90,23 @@ def test_a_miss_runs_eager_pending_and_is_captured_by_background_work(unet: SdUn
     assert runner.describe()["replays"] == 1 and runner.describe()["pending"] == []
 
 
+def test_a_key_stays_pending_until_its_capture_is_done(unet: SdUnet) -> None:
+    """/v1/status lists the key being captured as pending (a benchmark or an operator waiting for the graphs
+    the traffic asked for must not see an empty list while the compute thread is still capturing)."""
+    runner = build_runner(unet, background_config(), Metrics("unet").graph_forwards)
+    seen: list[list[str]] = []
+    allocate = runner.allocate
+
+    def observed(shape, rows):  # the capture allocates its static inputs first
+        seen.append(runner.describe()["pending"])
+        return allocate(shape, rows)
+
+    runner.allocate = observed
+    graph_step(runner, step_requests(unet, [()], rows=2, seed=1), eager=True)
+    assert capture_one([runner]) is False
+    assert seen == [["8x8 ctx77 x2"]] and runner.describe()["pending"] == []
+
+
 def test_requested_keys_are_captured_before_configured_ones(unet: SdUnet) -> None:
     runner = build_runner(unet, background_config(buckets=(1, 2)))
     runner.plan([StepShape(8, 8)])  # configured: every bucket, largest first

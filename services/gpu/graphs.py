@@ -208,9 +208,11 @@ class GraphRunner:
         for queue in (self._requested, self._configured):
             while queue:
                 key = next(iter(queue))
-                del queue[key]
-                if not self._tried(key):
+                tried = self._tried(key)
+                if not tried:
                     self._capture(key)
+                del queue[key]  # only now: /v1/status lists a key as pending until its capture is done
+                if not tried:
                     return True
         return False
 

@@ -13,8 +13,9 @@ The exchange (client side: client/ipc.py; shared constants: wire/ipc.py):
   buffer must grow.
 - Ordering without host synchronisation: an output buffer may be registered with `"ready_event"`, the
   IPC handle of an interprocess CUDA event the client records after writing a request's inputs; the
-  service's streams wait on it before reading them, and the registration reply's `"done_event"` is an event
-  the service records after writing the outputs, which the client's stream waits on before reading them.
+  service polls it from the host before the request goes on (no stream of the service waits on a client's
+  GPU work), and the registration reply's `"done_event"` is an event the service records after writing
+  the outputs, which the client's stream waits on before reading them.
   So the reply leaves as soon as the outputs are queued, and neither side blocks on the GPU. Without
   events (an older peer) the client synchronises before sending and the service before replying.
 - `DELETE /v1/ipc/buffers/{id}` closes one. Buffers idle for `ipc_idle_s`, or whose owner process is
@@ -37,7 +38,7 @@ import torch
 
 from luna_stack.gpu.cuda_ipc import HANDLE_BYTES, OpenedBuffer
 from luna_stack.server.executor import GpuExecutor
-from luna_stack.wire.errors import BadRequest, IpcUnavailable, UnknownIpcBuffer
+from luna_stack.wire.errors import BadRequest, IpcUnavailable, RequestTimeout, UnknownIpcBuffer
 from luna_stack.wire.ipc import ALIGN, IPC_DTYPES, aligned, pid_namespace, process_started
 from luna_stack.wire.tensors import dtype_name
 
@@ -120,8 +121,16 @@ class IpcSink(Sink):
 class IpcBuffers:
     """The buffers clients registered with this service, opened and cached until released or reaped."""
 
-    def __init__(self, device: torch.device, gpu_uuid: str | None, executor: GpuExecutor, idle_s: float):
+    def __init__(
+        self,
+        device: torch.device,
+        gpu_uuid: str | None,
+        executor: GpuExecutor,
+        idle_s: float,
+        ready_timeout_s: float = 30.0,
+    ):
         self.device = device
+        self.ready_timeout_s = ready_timeout_s
         self.gpu_uuid = gpu_uuid
         self.executor = executor
         self.idle_s = idle_s
@@ -249,16 +258,31 @@ class IpcBuffers:
             mapped.in_use += 1
             mapped.last_used = time.monotonic()
         events = leased[0].events
-        if events is not None:
-            # The inputs are read by this thread's stream (finiteness checks) and the compute thread's
-            # (the default stream): both wait for the client's writes, on the GPU.
-            torch.cuda.current_stream(self.device).wait_event(events.ready)
-            torch.cuda.default_stream(self.device).wait_event(events.ready)
         try:
+            if events is not None:
+                await self._written(events.ready, client)
             yield inputs, IpcSink(leased[0].opened.tensor, events.done if events is not None else None)
         finally:
             for mapped in leased:
                 mapped.in_use -= 1
+
+    async def _written(self, ready: torch.cuda.Event, client: str) -> None:
+        """Until the client's `ready` event has completed: its inputs are then written. Polled from the
+        host rather than waited on by a stream of ours, so no stream of this service ever depends on a
+        client's GPU work (a client whose event never completes holds up only its own request)."""
+        if ready.query():  # the pack synchronises before it sends: the usual case
+            return
+        deadline = time.monotonic() + self.ready_timeout_s
+        pause = 1e-4
+        while not ready.query():
+            if time.monotonic() > deadline:
+                raise RequestTimeout(
+                    f"the IPC inputs of client {client!r} were not written within {self.ready_timeout_s:g} s "
+                    "(its ready event did not complete)",
+                    hint="read_timeout_s (LUNA_READ_TIMEOUT_S) bounds how long a request may wait for them",
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 2e-3)
 
     async def put_rest(self, sink: IpcSink, tensors: Mapping[str, torch.Tensor]) -> None:
         """Place outputs a service returned without putting them (host tensors, cached results), on a

@@ -29,6 +29,7 @@ from luna_stack.server.family import (
     Tensors,
     Work,
 )
+from luna_stack.server.finite import check_finite
 from luna_stack.server.ipc import IpcBuffers, Sink
 from luna_stack.server.metrics import Metrics
 from luna_stack.server.progress import ProgressTable
@@ -36,7 +37,7 @@ from luna_stack.server.resident import ModelBudget, ResidentModels
 from luna_stack.weights.paths import ModelRoots
 from luna_stack.wire.contract import DEFAULT_PORTS
 from luna_stack.wire.errors import NotFound
-from luna_stack.wire.tensors import check_finite, dtype_name
+from luna_stack.wire.tensors import dtype_name
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -57,7 +58,8 @@ class Service:
         self.replica_id = f"{self.kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.gpu_uuid = gpu_uuid(self.device)
         self.progress = ProgressTable()
-        self.ipc = IpcBuffers(self.device, self.gpu_uuid, self.executor, settings.core.ipc_idle_s)
+        core = settings.core
+        self.ipc = IpcBuffers(self.device, self.gpu_uuid, self.executor, core.ipc_idle_s, core.read_timeout_s)
         self.ctx = ServiceContext(
             self.kind,
             settings,
@@ -114,7 +116,7 @@ class Service:
                 f"unknown {self.kind} operation {op!r}", hint=f"one of {', '.join(self.family.ops)}"
             )
         spec.check_names(tensors)
-        check_finite(tensors)
+        await check_finite(tensors)
         model = await self.resident.get(params.get("model"))
 
         async def compute(work: Work) -> Any:

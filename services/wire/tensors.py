@@ -32,7 +32,7 @@ def require_tensor(
     floating: bool = True,
 ) -> torch.Tensor:
     """Return tensors[name] after checking rank, fixed dimension sizes and dtype kind (finiteness of every
-    input is checked once per request, before the family sees it: `check_finite`)."""
+    input is checked once per request, before the family sees it: server/finite.py)."""
     if name not in tensors:
         raise BadRequest(f"missing tensor {name!r}", details={"received": sorted(tensors)})
     t = tensors[name]
@@ -48,17 +48,3 @@ def require_tensor(
     if t.numel() == 0:
         raise InvalidTensor(f"tensor {name!r} is empty (shape {list(t.shape)})")
     return t
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
-    """InvalidTensor naming the first floating-point tensor holding NaN or infinity. One reduction and one
-    host synchronisation per device for all of them: on the GPU each check is a round trip to the device."""
-    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            by_device.setdefault(t.device, []).append((name, t))
-    for named in by_device.values():
-        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
-        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
-        if bad:
-            raise InvalidTensor(f"tensor {bad[0]!r} contains NaN or infinite values")
