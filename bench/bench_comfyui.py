@@ -248,6 +248,7 @@ def run_clients(
     ends = [t for r in reports for t in r["image_ends"]]
     deltas = [b - a for r in reports for a, b in zip(r["step_times"], r["step_times"][1:], strict=False)]
     after = _batching(env.get("LUNA_UNET_URL"))
+    latency = _status(env["LUNA_UNET_URL"])["latency_ms"] if env.get("LUNA_UNET_URL") else None
     return {
         "clients": n,
         "images": len(ends),
@@ -260,6 +261,8 @@ def run_clients(
         "mean_batch_rows": (after[1] - batching[1]) / (after[0] - batching[0])
         if after and batching
         else None,
+        # Where the unet service's time went, per stage (its recent requests: mostly these timed images).
+        "unet_latency_ms": latency,
         "first": load_file(str(work / "first.safetensors"))["image"],
     }
 
@@ -396,7 +399,8 @@ def _status(url: str) -> dict[str, Any]:
     """What the unet service reports about itself after the runs: graphs, memory, batching."""
     with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as reply:
         body = json.load(reply)
-    return {k: body.get(k) for k in ("batching", "graphs", "models", "ipc", "lora_cache")}
+    keys = ("batching", "graphs", "models", "ipc", "held", "latency_ms", "lora_cache")
+    return {k: body.get(k) for k in keys}
 
 
 def _device() -> torch.device:

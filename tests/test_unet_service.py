@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,25 @@ async def test_step_over_http_equals_the_model_in_process(service, refs) -> None
         half = {k: v.half() if k != "timesteps" else v for k, v in inputs.items()}
         out, _ = await client.call("step", half, {"model": SDXL})
         assert out["out"].dtype == torch.float16 and out["out"].shape == inputs["x"].shape
+
+
+async def test_status_shows_where_a_steps_time_goes(service, refs) -> None:
+    """/v1/status latency_ms: each stage of the path (server/latency.py) with its recent median and p90;
+    /metrics: luna_request_stage_seconds. The stages of a step, one after another, fit in the step."""
+    async with AsyncClient("unet", url=service.url) as client:
+        inputs = step_inputs(refs[SD15], batch=2, seed=21)
+        slowest_ms = 0.0
+        for _ in range(5):
+            started = time.perf_counter()
+            await client.call("step", inputs, {"model": SD15})
+            slowest_ms = max(slowest_ms, (time.perf_counter() - started) * 1000)
+        latency = (await client.get_json("/v1/status"))["latency_ms"]
+        exposition = await (await (await client._http()).get(service.url + "/metrics")).text()
+    assert set(latency) == {"inputs", "prepare", "queue", "compute", "reply"}  # settle: CUDA only
+    assert all(v["samples"] == 5 and 0 <= v["p50_ms"] <= v["p90_ms"] for v in latency.values())
+    assert latency["compute"]["p50_ms"] > 0
+    assert sum(v["p50_ms"] for v in latency.values()) <= slowest_ms
+    assert 'luna_request_stage_seconds_count{stage="compute"} 5.0' in exposition
 
 
 async def test_lora_equals_a_privately_merged_copy(service, refs, loras) -> None:

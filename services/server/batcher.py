@@ -293,6 +293,7 @@ class Batcher(Generic[I, R]):
         if self._metrics is not None:
             for p in batch:
                 self._metrics.queue_seconds.labels(op=self.op).observe(started - p.enqueued)
+                self._metrics.stage("queue", started - p.enqueued)
             self._metrics.batch_rows.labels(op=self.op).observe(rows)
         self.batches += 1
         self.rows_total += rows
@@ -315,13 +316,18 @@ class Batcher(Generic[I, R]):
                 for p in batch:
                     await self._execute([p])
             return
+        computed = time.monotonic()
         for p, result in zip(batch, results, strict=True):
             self._resolve(p, result=result)
+        if self._metrics is not None:
+            self._metrics.stage("compute", computed - started)
         if self._settle is not None:
             try:
                 await self._executor.run(self._settle)
             except Exception:  # the results are out; a device error surfaces in the next batch
                 log.exception("%s: waiting for the device after a batch failed", self.op)
+            if self._metrics is not None:
+                self._metrics.stage("settle", time.monotonic() - computed)
         self._delivered(batch)  # after settling: IPC clients read their outputs once the device is done
         self._computed(started)
 

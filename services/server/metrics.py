@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from luna_stack.server.latency import StageTimes
+
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -38,6 +40,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.stage_seconds = Histogram(
+            "luna_request_stage_seconds",
+            "Time a request spends in each stage of the path (server/latency.py)",
+            ["stage"],
+            buckets=(0.0001, 0.00025, 0.0005, *_LATENCY_BUCKETS),
+            registry=self.registry,
+        )
+        self.stages = StageTimes()
         self.batch_rows = Histogram(
             "luna_batch_rows",
             "Rows per batched forward",
@@ -73,3 +83,8 @@ class Metrics:
             "luna_service_info", "Constant 1 with the service kind", ["service"], registry=self.registry
         )
         self.info.labels(**labels).set(1)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """One request's (or batch's) time in a stage of the path."""
+        self.stage_seconds.labels(stage=stage).observe(seconds)
+        self.stages.add(stage, seconds)

@@ -39,11 +39,13 @@ HELD = web.AppKey("held", HeldTensors)
 async def run_op(request: web.Request) -> web.StreamResponse:
     """POST /v1/<kind>/<op>: tensors in the body, or in the client's IPC buffers when params say so, and
     tensors the service holds for the client where params `_held` refers to them (held.py)."""
+    entered = time.monotonic()
     service = request.app[SERVICE]
     held = request.app[HELD]
     op = request.match_info["op"]
     client = client_id(request)
     tensors, params = await http_body.read_tensors(request, _body_limit(request))
+    computed = entered  # when the service handed the results back: the reply stage starts
     spec = params.pop(IPC_PARAM, None)
     raw_held = params.pop(HELD_PARAM, None)
     holding = None if raw_held is None else HeldSpec.parse(raw_held)
@@ -52,17 +54,24 @@ async def run_op(request: web.Request) -> web.StreamResponse:
         return request.transport is None or request.transport.is_closing()
 
     async def run(sent: Tensors, sink: Sink) -> tuple[Tensors, dict[str, Any]]:
-        if holding is None:
-            return await service.run_op(op, sent, params, client, sink, abandoned)
-        inputs = held.resolve(client, holding, sent)
+        nonlocal computed
+        inputs = sent if holding is None else held.resolve(client, holding, sent)
+        service.metrics.stage("inputs", time.monotonic() - entered)
         out, out_params = await service.run_op(op, inputs, params, client, sink, abandoned)
+        computed = time.monotonic()
+        if holding is None:
+            return out, out_params
         kept = held.keep(client, holding, inputs)
         return out, {**out_params, HELD_PARAM: {HELD_KEPT: kept}}
+
+    def replied(response: web.StreamResponse) -> web.StreamResponse:
+        service.metrics.stage("reply", time.monotonic() - computed)
+        return response
 
     if spec is None:
         service.metrics.transport.labels(transport="http").inc()
         out, out_params = await run(tensors, HOST)
-        return await http_body.write_tensors(request, out, out_params)
+        return replied(await http_body.write_tensors(request, out, out_params))
     service.metrics.transport.labels(transport="ipc").inc()
 
     async def through_ipc() -> tuple[Tensors, dict[str, Any], dict[str, Any]]:
@@ -78,7 +87,7 @@ async def run_op(request: web.Request) -> web.StreamResponse:
     # Shielded from the handler's cancellation when the client leaves: the buffers stay leased (so never
     # unmapped by the reaper) until a batch already writing into them has finished.
     body, out_params, placed = await asyncio.shield(asyncio.ensure_future(through_ipc()))
-    return await http_body.write_tensors(request, body, {**out_params, IPC_PARAM: placed})
+    return replied(await http_body.write_tensors(request, body, {**out_params, IPC_PARAM: placed}))
 
 
 async def ops(request: web.Request) -> web.Response:
@@ -231,6 +240,7 @@ async def status(request: web.Request) -> web.Response:
         "gpu": nvml_status(),
         "ipc": service.ipc.describe(),
         "held": request.app[HELD].describe(),
+        "latency_ms": service.metrics.stages.describe(),
         **service.status(),
     }
     return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))

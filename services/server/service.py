@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
@@ -115,11 +116,13 @@ class Service:
             raise NotFound(
                 f"unknown {self.kind} operation {op!r}", hint=f"one of {', '.join(self.family.ops)}"
             )
+        entered = time.monotonic()
         spec.check_names(tensors)
         await check_finite(tensors)
         model = await self.resident.get(params.get("model"))
 
         async def compute(work: Work) -> Any:
+            self.metrics.stage("prepare", time.monotonic() - entered)
             key = self.family.batch_key(work)
             return await self.batcher.enqueue(key, work, rows=work.rows, client=client)
 
