@@ -14,7 +14,8 @@ The exchange (client side: client/ipc.py; shared constants: wire/ipc.py):
 - Ordering without host synchronisation: an output buffer may be registered with `"ready_event"`, the
   IPC handle of an interprocess CUDA event the client records after writing a request's inputs; the
   service polls it from the host before the request goes on (no stream of the service waits on a client's
-  GPU work), and the registration reply's `"done_event"` is an event the service records after writing
+  GPU work; should polling not see it complete, the service's streams wait on it instead), and the
+  registration reply's `"done_event"` is an event the service records after writing
   the outputs, which the client's stream waits on before reading them.
   So the reply leaves as soon as the outputs are queued, and neither side blocks on the GPU. Without
   events (an older peer) the client synchronises before sending and the service before replying.
@@ -38,11 +39,12 @@ import torch
 
 from luna_stack.gpu.cuda_ipc import HANDLE_BYTES, OpenedBuffer
 from luna_stack.server.executor import GpuExecutor
-from luna_stack.wire.errors import BadRequest, IpcUnavailable, RequestTimeout, UnknownIpcBuffer
+from luna_stack.wire.errors import BadRequest, IpcUnavailable, UnknownIpcBuffer
 from luna_stack.wire.ipc import ALIGN, IPC_DTYPES, aligned, pid_namespace, process_started
 from luna_stack.wire.tensors import dtype_name
 
 log = logging.getLogger(__name__)
+READY_POLL_S = 0.25  # how long a request's inputs may take to be written before streams wait instead
 
 
 @dataclass
@@ -127,10 +129,9 @@ class IpcBuffers:
         gpu_uuid: str | None,
         executor: GpuExecutor,
         idle_s: float,
-        ready_timeout_s: float = 30.0,
     ):
         self.device = device
-        self.ready_timeout_s = ready_timeout_s
+        self._poll_ready = True
         self.gpu_uuid = gpu_uuid
         self.executor = executor
         self.idle_s = idle_s
@@ -267,22 +268,29 @@ class IpcBuffers:
                 mapped.in_use -= 1
 
     async def _written(self, ready: torch.cuda.Event, client: str) -> None:
-        """Until the client's `ready` event has completed: its inputs are then written. Polled from the
-        host rather than waited on by a stream of ours, so no stream of this service ever depends on a
-        client's GPU work (a client whose event never completes holds up only its own request)."""
-        if ready.query():  # the pack synchronises before it sends: the usual case
-            return
-        deadline = time.monotonic() + self.ready_timeout_s
-        pause = 1e-4
-        while not ready.query():
-            if time.monotonic() > deadline:
-                raise RequestTimeout(
-                    f"the IPC inputs of client {client!r} were not written within {self.ready_timeout_s:g} s "
-                    "(its ready event did not complete)",
-                    hint="read_timeout_s (LUNA_READ_TIMEOUT_S) bounds how long a request may wait for them",
-                )
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, 2e-3)
+        """Until the client's inputs are written. Its `ready` event is polled from the host, so no stream of
+        this service depends on a client's GPU work (a client whose event never completes holds up only its
+        own request). Should an event not complete within READY_POLL_S, this service's streams wait on the
+        events on the GPU from then on (the ordering the polling replaces; logged once)."""
+        if self._poll_ready:
+            deadline = time.monotonic() + READY_POLL_S
+            pause = 1e-4
+            while not ready.query():  # the pack synchronises before it sends: usually done at once
+                if time.monotonic() > deadline:
+                    self._poll_ready = False
+                    log.warning(
+                        "IPC: client %s's inputs were not written within %.2f s of its request; this "
+                        "service's streams wait on clients' ready events from now on",
+                        client,
+                        READY_POLL_S,
+                    )
+                    break
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 2e-3)
+            else:
+                return
+        torch.cuda.current_stream(self.device).wait_event(ready)  # the finiteness check reads them here
+        torch.cuda.default_stream(self.device).wait_event(ready)  # and the compute thread here
 
     async def put_rest(self, sink: IpcSink, tensors: Mapping[str, torch.Tensor]) -> None:
         """Place outputs a service returned without putting them (host tensors, cached results), on a

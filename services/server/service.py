@@ -59,8 +59,7 @@ class Service:
         self.replica_id = f"{self.kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.gpu_uuid = gpu_uuid(self.device)
         self.progress = ProgressTable()
-        core = settings.core
-        self.ipc = IpcBuffers(self.device, self.gpu_uuid, self.executor, core.ipc_idle_s, core.read_timeout_s)
+        self.ipc = IpcBuffers(self.device, self.gpu_uuid, self.executor, settings.core.ipc_idle_s)
         self.ctx = ServiceContext(
             self.kind,
             settings,
