@@ -275,7 +275,7 @@ class IpcBuffers:
         if self._poll_ready:
             deadline = time.monotonic() + READY_POLL_S
             pause = 1e-4
-            while not ready.query():  # the pack synchronises before it sends: usually done at once
+            while not _complete(ready):  # the pack synchronises before it sends: usually done at once
                 if time.monotonic() > deadline:
                     self._poll_ready = False
                     log.warning(
@@ -306,6 +306,15 @@ class IpcBuffers:
                         sink.put(name, tensor)
 
         await asyncio.to_thread(put_all)
+
+
+def _complete(event: torch.cuda.Event) -> bool:
+    try:
+        return event.query()
+    except RuntimeError as exc:  # the exporting process is gone, or its context broke
+        raise UnknownIpcBuffer(
+            f"the IPC buffer's ready event cannot be read ({exc})", hint="register the buffers again"
+        ) from None
 
 
 def _event_handle(value: Any) -> bytes | None:
