@@ -228,7 +228,12 @@ async def test_status_page_in_a_browser_behind_the_token(
         slow = await page.text("#slow")
         assert "POST /v1/vae/decode" in slow and "comfyui-b" in slow and "404 unknown_model" in slow
         assert "/v1/vae/{op}" in await page.text("#routes")
-        assert "vae\t3\t1.00\t" in await page.text("#queue")  # batched forwards (one op label), rows each
+        queue = await page.text("#queue")
+        assert "vae\t3\t1.00\t" in queue  # batched forwards (one op label), rows each
+        # Where the time goes: each stage of the path with its requests (the failed one read its inputs).
+        stages = {line.split("\t")[0]: line.split("\t")[1:] for line in queue.splitlines() if "\t" in line}
+        assert stages["inputs"][2] == "4" and stages["compute"][2] == "3", stages
+        assert float(stages["compute"][0]) > 0
 
         # Live: new requests show up on the next refreshes without reloading the page.
         seen = int(await page.evaluate("document.body.dataset.refreshes"))
