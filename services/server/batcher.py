@@ -65,7 +65,7 @@ class _Seen:
 
     enqueued: float
     rows: int
-    delivered: float | None = None  # when that request's result was resolved: the turnaround starts
+    delivered: float | None = None  # when that request's result was usable (its batch settled): turnaround
     missed: bool = False  # a fill waited for it in vain: not waited for again until it sends
 
 
