@@ -27,6 +27,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -349,6 +350,43 @@ def stack(args: argparse.Namespace, workflow: Workflow) -> Iterator[Stack]:
         stop_processes(list(procs.items()), timeout_s=30)
 
 
+def run_stack(
+    args: argparse.Namespace, workflow: Workflow, firsts: dict[str, torch.Tensor]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The shared-loader rows: the first client count starts with the services (its first image is the
+    stack's cold start), then the other counts and the GPU-less frontends against the warm services."""
+    rows: list[dict[str, Any]] = []
+    meta: dict[str, Any] = {}
+    with stack(args, workflow) as services:
+        for i, n in enumerate(_counts(args.clients)):
+            # The first run starts with the services: its first image is the stack's cold start.
+            cold = i == 0
+            result = run_clients(
+                args,
+                workflow.prompt,
+                n,
+                pack=True,
+                env=services.env,
+                tag=f"stack{n}",
+                wait_ready=services.urls if cold else "",
+            )
+            if cold:
+                meta["services_ready_s"] = services.ready_s
+                meta["cold_first_image_s"] = result["first_image_s"]
+                meta["unet_service_gib_ready"] = services.idle_gib
+            firsts.setdefault("stack", result.pop("first"))
+            rows.append({"mode": "luna_stack", **result})
+        for n in _counts(args.cpu_frontends):
+            result = run_clients(
+                args, workflow.prompt, n, pack=True, env=services.env, tag=f"cpu{n}", comfy_args=("--cpu",)
+            )
+            result.pop("first")
+            rows.append({"mode": "luna_stack_cpu_frontend", **result})
+        meta["unet_service_gib_after"] = services.gpu_gib("unet")
+        meta["unet_status_after"] = _status(services.env["LUNA_UNET_URL"])
+    return rows, meta
+
+
 def floor_step_ms(args: argparse.Namespace, workflow: Workflow, clients: int) -> float:
     """One step of the batch `clients` form, replaying a captured graph of the stack's own model."""
     from luna_stack.gpu.graph_config import GraphConfig
@@ -389,6 +427,34 @@ def floor(args: argparse.Namespace, workflow: Workflow, clients: int) -> dict[st
     decode_ms = _cuda_ms(lambda: vae.decode(latent))
     per_image_s = (workflow.steps * step_ms / clients + decode_ms) / 1000
     return {"floor_step_ms": step_ms, "floor_decode_ms": decode_ms, "floor_images_per_min": 60 / per_image_s}
+
+
+@contextlib.contextmanager
+def mps(enabled: bool) -> Iterator[None]:
+    """With `enabled`, every process of the run (ComfyUI clients and services) shares one NVIDIA MPS
+    server, so their kernels run side by side instead of time-slicing the GPU context by context."""
+    if not enabled:
+        yield
+        return
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        raise SystemExit("--mps needs nvidia-cuda-mps-control (the NVIDIA driver's utilities) on the PATH")
+    pipes = Path(tempfile.mkdtemp(prefix="luna-mps-"))
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipes / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(pipes / "log")}
+    for folder in env.values():
+        Path(folder).mkdir()
+    subprocess.run([control, "-d"], env={**os.environ, **env}, check=True)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by every process the run starts
+    try:
+        yield
+    finally:
+        subprocess.run([control], input=b"quit\n", env={**os.environ, **env}, check=False)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _counts(spec: str) -> list[int]:
@@ -445,6 +511,9 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=540)
     parser.add_argument("--name", default=None, help="result name (default comfyui_<workflow stem>)")
     parser.add_argument(
+        "--mps", action="store_true", help="run every process under one NVIDIA MPS server (a control daemon)"
+    )
+    parser.add_argument(
         "--write-models", action="store_true", help="write full-size random-weight files the models dir lacks"
     )
     args = parser.parse_args()
@@ -453,39 +522,16 @@ def main() -> None:
         write_missing_models(workflow, args.models)
     rows: list[dict[str, Any]] = []
     firsts: dict[str, torch.Tensor] = {}
-    for n in _counts(args.local):
-        result = run_clients(args, workflow.local(), n, pack=False, env={}, tag=f"local{n}")
-        firsts.setdefault("local", result.pop("first"))
-        rows.append({"mode": "comfyui_own_models", **result})
-    meta: dict[str, Any] = {}
-    with stack(args, workflow) as services:
-        for i, n in enumerate(_counts(args.clients)):
-            # The first run starts with the services: its first image is the stack's cold start.
-            cold = i == 0
-            result = run_clients(
-                args,
-                workflow.prompt,
-                n,
-                pack=True,
-                env=services.env,
-                tag=f"stack{n}",
-                wait_ready=services.urls if cold else "",
-            )
-            if cold:
-                meta["services_ready_s"] = services.ready_s
-                meta["cold_first_image_s"] = result["first_image_s"]
-                meta["unet_service_gib_ready"] = services.idle_gib
-            firsts.setdefault("stack", result.pop("first"))
-            rows.append({"mode": "luna_stack", **result})
-        for n in _counts(args.cpu_frontends):
-            result = run_clients(
-                args, workflow.prompt, n, pack=True, env=services.env, tag=f"cpu{n}", comfy_args=("--cpu",)
-            )
-            result.pop("first")
-            rows.append({"mode": "luna_stack_cpu_frontend", **result})
-        meta["unet_service_gib_after"] = services.gpu_gib("unet")
-        meta["unet_status_after"] = _status(services.env["LUNA_UNET_URL"])
-    floors = {n: floor(args, workflow, n) for n in sorted({r["clients"] for r in rows})}
+    meta: dict[str, Any] = {"mps": args.mps}
+    with mps(args.mps):  # the floors too: every process of the run alike
+        for n in _counts(args.local):
+            result = run_clients(args, workflow.local(), n, pack=False, env={}, tag=f"local{n}")
+            firsts.setdefault("local", result.pop("first"))
+            rows.append({"mode": "comfyui_own_models", **result})
+        stack_rows, stack_meta = run_stack(args, workflow, firsts)
+        rows += stack_rows
+        meta.update(stack_meta)
+        floors = {n: floor(args, workflow, n) for n in sorted({r["clients"] for r in rows})}
     for row in rows:
         row.update(floors[row["clients"]])
         row["vs_floor"] = row["images_per_min"] / row["floor_images_per_min"]
@@ -516,7 +562,8 @@ def main() -> None:
     extra = ["mean_batch_rows", "time_per_image_vs_ipc"]
     print_table(rows, [*columns, "floor_images_per_min", "vs_floor", "vs_comfyui", *extra])
     small = _device().type == "cpu"
-    path = write_results(args.name or f"comfyui_{args.workflow.stem}", small, meta, rows, str(_device()))
+    name = args.name or f"comfyui_{args.workflow.stem}" + ("_mps" if args.mps else "")
+    path = write_results(name, small, meta, rows, str(_device()))
     print(f"results: {path}")
 
 
