@@ -12,7 +12,7 @@ call so drift hits all alike, each timed from the caller until its outputs are u
 
 The UNet step also runs as the graph replay the service itself runs (`graph`, the GPU floor): `ipc_cost_ms`
 and `http_cost_ms` are what a request costs beyond that GPU work (issue 15: ≤ 1.5 ms over IPC, ≤ 3 ms
-over HTTP).
+over HTTP). Its conditioning (context, y) is held after the first call, as the ComfyUI pack holds it.
 
     python -m bench.bench_overhead            # full size on the GPU
     python -m bench.bench_overhead --small    # CPU smoke run (no IPC on a CPU)
@@ -70,6 +70,7 @@ class Operation:
     local: Callable[[dict[str, torch.Tensor]], Any]  # the in-process computation on device inputs
     ipc_device: bool  # whether the ipc path sends GPU inputs (CLIP sends text: only outputs are GPU)
     graph: Callable[[dict[str, torch.Tensor]], Any] | None = None  # the service's graph replay, in-process
+    keep: tuple[str, ...] = ()  # sticky inputs, sent once and then referred to (what the pack holds)
 
 
 def write_models(root: Path, size: str) -> None:
@@ -127,6 +128,7 @@ def operations(args: argparse.Namespace, root: Path, device: torch.device) -> li
             lambda t: unet_forward(unet.module, t["x"], t["timesteps"], t["context"], t["y"]),
             True,
             replay if device.type == "cuda" else None,
+            ("context", "y"),
         ),
         Operation(
             "clip", "encode", "CLIP L+G encode", {"model": CLIP, "text": PROMPT}, {}, clip_encode, False
@@ -160,11 +162,11 @@ async def measure_operation(
                     t.cpu()
 
         async def over_http() -> None:
-            await http.call(operation.op, operation.inputs, operation.params)
+            await http.call(operation.op, operation.inputs, operation.params, keep=operation.keep)
 
         async def over_ipc() -> None:
             sent = on_device if operation.ipc_device else operation.inputs
-            await ipc.call(operation.op, sent, operation.params, device=device)
+            await ipc.call(operation.op, sent, operation.params, device=device, keep=operation.keep)
             sync(device)
 
         def graph() -> None:
