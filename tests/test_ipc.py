@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from luna_stack.client.http import AsyncClient
-from luna_stack.server.ipc import IpcSink, _view
+from luna_stack.server.ipc import IpcSink, _event_handle, _view
 from luna_stack.vae.family import build as build_vae
 from luna_stack.wire import codec
 from luna_stack.wire.errors import BadRequest, IpcUnavailable
@@ -97,3 +97,14 @@ async def test_a_cpu_service_refuses_ipc_clearly_and_keeps_serving(models_dir, s
 def test_client_ipc_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="auto' or 'off"):
         AsyncClient("vae", url="http://127.0.0.1:1", ipc="sometimes")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("zz" * 64, "hex of a CUDA IPC event handle"), ("ab" * 10, "64 bytes, got 10"), (7, "hex")],
+)
+def test_a_bad_ready_event_handle_is_a_400(value, message) -> None:
+    """A buffer registration's `ready_event` is checked before any CUDA call opens it."""
+    with pytest.raises(BadRequest, match=message):
+        _event_handle(value)
+    assert _event_handle(None) is None and _event_handle("ab" * 64) == bytes.fromhex("ab" * 64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
 
 from luna_stack.wire.errors import ConfigError
@@ -37,3 +39,15 @@ def gpu_uuid(device: torch.device) -> str | None:
         return None
     uuid = str(torch.cuda.get_device_properties(device).uuid)
     return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+async def stream_drained(device: torch.device) -> None:
+    """Until the work queued so far on this thread's current stream of `device` has run, awaited from a
+    worker thread: an event loop must not block on the GPU (the stream's kernels may queue behind a
+    forward another thread is running)."""
+    if device.type != "cuda":
+        return
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    if not done.query():
+        await asyncio.to_thread(done.synchronize)

@@ -157,7 +157,9 @@ class HeldTensors:
         return {**sent, **moved, **found}
 
     def keep(self, client: str, spec: HeldSpec, sent: Mapping[str, torch.Tensor]) -> list[str]:
-        """Keep copies of the tensors `spec.keep` names; returns the names kept."""
+        """Keep copies of the tensors `spec.keep` names; returns the names kept. The copies are queued on
+        this thread's stream: the caller awaits `gpu.device.stream_drained` before the reply lets the
+        client reuse its IPC buffers."""
         kept: list[tuple[str, str]] = []
         for name, ident in spec.keep.items():
             t = sent[name]
@@ -171,9 +173,6 @@ class HeldTensors:
             self._bytes += cost
             self.stats.kept += 1
             kept.append((client, ident))
-        if kept and self.device.type == "cuda":
-            # The copies must be done before the reply lets the client reuse its IPC buffers.
-            torch.cuda.current_stream(self.device).synchronize()
         names = {ident: name for name, ident in spec.keep.items()}
         return [names[ident] for _, ident in kept]
 

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from luna_stack.gpu.device import stream_drained
 from luna_stack.gpu.nvml import nvml_status
 from luna_stack.jobs.queue import JobQueue
 from luna_stack.server import http_body
@@ -62,6 +63,8 @@ async def run_op(request: web.Request) -> web.StreamResponse:
         if holding is None:
             return out, out_params
         kept = held.keep(client, holding, inputs)
+        if kept:
+            await stream_drained(service.device)  # the copies, before the client may reuse its buffers
         return out, {**out_params, HELD_PARAM: {HELD_KEPT: kept}}
 
     def replied(response: web.StreamResponse) -> web.StreamResponse:

@@ -76,6 +76,10 @@ class DiffusionModel(abc.ABC):
     def allocate(self, shape: Any, rows: int) -> dict[str, Tensor]:
         """Zeroed static inputs of a graph for `rows` rows of `shape` (the names parse_step returns)."""
 
+    def zeros(self, rows: int, *dims: int, dtype: torch.dtype | None = None) -> Tensor:
+        """One static input for `allocate`: `rows` rows, in the compute dtype unless given, on the device."""
+        return torch.zeros(rows, *dims, dtype=dtype or self.dtype, device=self.device)
+
     @abc.abstractmethod
     def forward(self, shape: Any, inputs: dict[str, Tensor]) -> Tensor:
         """One step for a batch; inputs may be in the client's dtype and device (cast here)."""

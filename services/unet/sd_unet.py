@@ -95,18 +95,15 @@ class SdUnet(DiffusionModel):
 
     # -- the forward ----------------------------------------------------------------------------------
     def allocate(self, shape: StepShape, rows: int) -> dict[str, Tensor]:
-        def zeros(*dims: int, dtype: torch.dtype = self.dtype) -> Tensor:
-            return torch.zeros(rows, *dims, dtype=dtype, device=self.device)
-
         inputs = {
-            "x": zeros(self.in_channels, shape.height, shape.width),
-            "timesteps": zeros(dtype=torch.float32),
-            "context": zeros(shape.context, self.context_dim),
+            "x": self.zeros(rows, self.in_channels, shape.height, shape.width),
+            "timesteps": self.zeros(rows, dtype=torch.float32),
+            "context": self.zeros(rows, shape.context, self.context_dim),
         }
         if self.adm_channels is not None:
-            inputs["y"] = zeros(self.adm_channels)
+            inputs["y"] = self.zeros(rows, self.adm_channels)
         for slot, channels, height, width in shape.control:
-            inputs[f"control.{slot}"] = zeros(channels, height, width)
+            inputs[f"control.{slot}"] = self.zeros(rows, channels, height, width)
         return inputs
 
     def forward(self, shape: StepShape, inputs: dict[str, Tensor]) -> Tensor:

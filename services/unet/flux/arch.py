@@ -142,20 +142,16 @@ class FluxModel(DiffusionModel):
 
     def allocate(self, shape: FluxShape, rows: int) -> dict[str, Tensor]:
         cfg = self.cfg
-
-        def zeros(*dims: int, dtype: torch.dtype = self.dtype) -> Tensor:
-            return torch.zeros(rows, *dims, dtype=dtype, device=self.device)
-
         inputs = {
-            "x": zeros(self.in_channels, shape.height, shape.width),
-            "timesteps": zeros(dtype=torch.float32),
-            "context": zeros(shape.context, cfg.context_dim),
-            "y": zeros(cfg.pooled_dim),
+            "x": self.zeros(rows, self.in_channels, shape.height, shape.width),
+            "timesteps": self.zeros(rows, dtype=torch.float32),
+            "context": self.zeros(rows, shape.context, cfg.context_dim),
+            "y": self.zeros(rows, cfg.pooled_dim),
         }
         if cfg.guidance:
-            inputs["guidance"] = zeros(dtype=torch.float32)
+            inputs["guidance"] = self.zeros(rows, dtype=torch.float32)
         for slot, tokens in shape.control:
-            inputs[f"control.{slot}"] = zeros(tokens, cfg.hidden)
+            inputs[f"control.{slot}"] = self.zeros(rows, tokens, cfg.hidden)
         return inputs
 
     def forward(self, shape: FluxShape, inputs: dict[str, Tensor]) -> Tensor:

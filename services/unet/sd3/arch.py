@@ -152,17 +152,14 @@ class Sd3Model(DiffusionModel):
 
     # -- the forward ----------------------------------------------------------------------------------
     def allocate(self, shape: Sd3Shape, rows: int) -> dict[str, Tensor]:
-        def zeros(*dims: int, dtype: torch.dtype = self.dtype) -> Tensor:
-            return torch.zeros(rows, *dims, dtype=dtype, device=self.device)
-
         inputs = {
-            "x": zeros(self.in_channels, shape.height, shape.width),
-            "timesteps": zeros(dtype=torch.float32),
-            "context": zeros(shape.context, self.context_dim),
-            "y": zeros(self.pooled_dim),
+            "x": self.zeros(rows, self.in_channels, shape.height, shape.width),
+            "timesteps": self.zeros(rows, dtype=torch.float32),
+            "context": self.zeros(rows, shape.context, self.context_dim),
+            "y": self.zeros(rows, self.pooled_dim),
         }
         tokens = self.tokens(shape.height, shape.width)
-        inputs.update({f"control.output.{i}": zeros(tokens, self.hidden) for i in shape.control})
+        inputs.update({f"control.output.{i}": self.zeros(rows, tokens, self.hidden) for i in shape.control})
         return inputs
 
     def forward(self, shape: Sd3Shape, inputs: dict[str, Tensor]) -> Tensor:
