@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from comfy_nodes.settings import SAMPLE_ON_HOST_ENV
 from luna_stack.devtools.embedded import free_port
 from luna_stack.devtools.localrun import spawn_service, wait_ready
 from luna_stack.devtools.supervisor import stop_processes
@@ -51,6 +52,7 @@ from luna_stack.gpu.nvml import nvml_status
 from .common import print_table, sync, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+MPS_PROBE_S = 60  # a CUDA process under a working MPS server starts in seconds
 # The pack's loaders -> ComfyUI's own, with the inputs ComfyUI's take besides the pack's.
 LOCAL_LOADERS = {
     "LunaStackUNetLoader": ("UNETLoader", {"weight_dtype": "default"}),
@@ -358,7 +360,13 @@ def run_stack(
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {}
     with stack(args, workflow) as services:
-        for i, n in enumerate(_counts(args.clients)):
+        runs = [("luna_stack", n, {}, ()) for n in _counts(args.clients)]
+        runs += [("luna_stack_cpu_frontend", n, {}, ("--cpu",)) for n in _counts(args.cpu_frontends)]
+        runs += [
+            ("luna_stack_host_sampling", n, {SAMPLE_ON_HOST_ENV: "1"}, ())
+            for n in _counts(args.host_sampling)
+        ]
+        for i, (mode, n, env, comfy_args) in enumerate(runs):
             # The first run starts with the services: its first image is the stack's cold start.
             cold = i == 0
             result = run_clients(
@@ -366,22 +374,19 @@ def run_stack(
                 workflow.prompt,
                 n,
                 pack=True,
-                env=services.env,
-                tag=f"stack{n}",
+                env={**services.env, **env},
+                tag=f"{mode}{n}",
                 wait_ready=services.urls if cold else "",
+                comfy_args=comfy_args,
             )
             if cold:
                 meta["services_ready_s"] = services.ready_s
                 meta["cold_first_image_s"] = result["first_image_s"]
                 meta["unet_service_gib_ready"] = services.idle_gib
-            firsts.setdefault("stack", result.pop("first"))
-            rows.append({"mode": "luna_stack", **result})
-        for n in _counts(args.cpu_frontends):
-            result = run_clients(
-                args, workflow.prompt, n, pack=True, env=services.env, tag=f"cpu{n}", comfy_args=("--cpu",)
-            )
-            result.pop("first")
-            rows.append({"mode": "luna_stack_cpu_frontend", **result})
+            first = result.pop("first")
+            if mode == "luna_stack":
+                firsts.setdefault("stack", first)
+            rows.append({"mode": mode, **result})
         meta["unet_service_gib_after"] = services.gpu_gib("unet")
         meta["unet_status_after"] = _status(services.env["LUNA_UNET_URL"])
     return rows, meta
@@ -444,17 +449,33 @@ def mps(enabled: bool) -> Iterator[None]:
     for folder in env.values():
         Path(folder).mkdir()
     subprocess.run([control, "-d"], env={**os.environ, **env}, check=True)
+    quit_server = lambda: subprocess.run([control], input=b"quit\n", env={**os.environ, **env}, check=False)  # noqa: E731
+    _probe_mps(env, pipes / "log", quit_server)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # inherited by every process the run starts
     try:
         yield
     finally:
-        subprocess.run([control], input=b"quit\n", env={**os.environ, **env}, check=False)
+        quit_server()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _probe_mps(env: dict[str, str], logs: Path, quit_server: Callable[[], object]) -> None:
+    """A CUDA process under the new MPS server must start within MPS_PROBE_S: where the server cannot
+    run (a VM's GPU, a compute mode), clients block in CUDA's init instead of failing."""
+    probe = [sys.executable, "-c", "import torch; torch.ones(1, device='cuda').sum().item()"]
+    try:
+        subprocess.run(probe, env={**os.environ, **env}, check=True, timeout=MPS_PROBE_S, capture_output=True)
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as exc:
+        quit_server()
+        tail = "".join(p.read_text(errors="replace")[-2000:] for p in sorted(logs.glob("*.log")))
+        raise SystemExit(
+            f"--mps: a CUDA process did not start under the MPS server ({exc}); its logs:\n{tail}"
+        ) from None
 
 
 def _counts(spec: str) -> list[int]:
@@ -501,6 +522,9 @@ def main() -> None:
     parser.add_argument(
         "--cpu-frontends", default="", help="stack client counts run as GPU-less ComfyUI (--cpu), e.g. 1"
     )
+    parser.add_argument(
+        "--host-sampling", default="", help="stack client counts of GPU ComfyUI sampling on the host, e.g. 8"
+    )
     parser.add_argument("--images", type=int, default=3, help="timed images per client")
     parser.add_argument("--size", type=int, help="override the workflow's image size")
     parser.add_argument("--steps", type=int, help="override the workflow's steps")
@@ -539,7 +563,7 @@ def main() -> None:
             (r for r in rows if r["mode"] == "comfyui_own_models" and r["clients"] == row["clients"]), None
         )
         ipc = next((r for r in rows if r["mode"] == "luna_stack" and r["clients"] == row["clients"]), None)
-        if row["mode"] == "luna_stack_cpu_frontend" and ipc:
+        if row["mode"] in ("luna_stack_cpu_frontend", "luna_stack_host_sampling") and ipc:
             row["time_per_image_vs_ipc"] = ipc["images_per_min"] / row["images_per_min"]
         row["vs_comfyui"] = row["images_per_min"] / own["images_per_min"] if own else None
     meta = {

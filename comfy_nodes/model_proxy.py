@@ -96,7 +96,9 @@ def remote_model(services: Services, model: str, info: dict[str, Any]) -> comfy.
     unet = {**_CONFIGS[family].unet_config, "in_channels": channels, "out_channels": channels}
     config = _CONFIGS[family]({**unet, "disable_unet_model_creation": True})
     config.set_inference_dtype(torch.float32, None)
-    device = comfy.model_management.get_torch_device()
+    # On the host, the sampler's per-step work stays off the GPU (settings.py: LUNA_SAMPLE_ON_HOST).
+    on_host = services.settings.sample_on_host
+    device = torch.device("cpu") if on_host else comfy.model_management.get_torch_device()
     base = config.get_model({}, device=device)
     base.diffusion_model = RemoteDiffusionModel(
         services, model, guidance_embed=family == "flux", wire_dtype=wire_dtype(info)

@@ -292,3 +292,13 @@ def test_the_repository_installs_as_a_comfyui_pack(tmp_path: Path) -> None:
     dependencies = [d.split(">=")[0] for d in project["project"]["dependencies"]]
     assert requirements == [d for d in dependencies if d != "torch"]
     assert project["tool"]["comfy"]["DisplayName"] == "Luna Stack" and project["tool"]["comfy"]["PublisherId"]
+
+
+def test_sampling_on_the_host_is_off_unless_asked_for(caplog: pytest.LogCaptureFixture) -> None:
+    assert PackSettings.from_env({}).sample_on_host is False
+    assert PackSettings.from_env({"LUNA_SAMPLE_ON_HOST": "1"}).sample_on_host is True
+    assert PackSettings.from_env({"LUNA_SAMPLE_ON_HOST": "Yes"}).sample_on_host is True
+    assert PackSettings.from_env({"LUNA_SAMPLE_ON_HOST": "off"}).sample_on_host is False
+    with caplog.at_level("WARNING", logger="luna_stack.comfy"):
+        assert PackSettings.from_env({"LUNA_SAMPLE_ON_HOST": "gpu"}).sample_on_host is False
+    assert "LUNA_SAMPLE_ON_HOST='gpu' is neither on (1) nor off (0)" in caplog.text

@@ -441,6 +441,7 @@ def test_merged_stack_properties(layout: str, with_comfyui: bool, tmp_path: Path
         env = services["comfyui"]["environment"]
         assert env["LUNA_TOKEN"] == TOKEN
         assert env["LUNA_REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
+        assert env["LUNA_SAMPLE_ON_HOST"] == "1"  # many instances on one GPU: sampling stays off it
         for kind in LUNA_KINDS:
             assert (
                 env[f"LUNA_{kind.upper()}_URL"]

@@ -51,3 +51,19 @@ async def stream_drained(device: torch.device) -> None:
     done.record(torch.cuda.current_stream(device))
     if not done.query():
         await asyncio.to_thread(done.synchronize)
+
+
+class StreamMarks:
+    """The batcher's device marks on CUDA: an event recorded on the compute thread's stream after a
+    batch's work is queued, waited for from a worker thread."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def mark(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def wait(self, mark: torch.cuda.Event) -> None:
+        mark.synchronize()

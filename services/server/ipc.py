@@ -79,17 +79,26 @@ class _Mapped:
 
 class Sink:
     """Where a request's outputs go. Runners call `put` on the compute thread right after computing, so
-    a captured graph's static output is copied out before the next replay overwrites it."""
+    a captured graph's static output is copied out before the next replay overwrites it.
+
+    This one, to the host: the copy is queued (into pinned memory) behind the batch, so the compute
+    thread can queue the next batch meanwhile; the batcher hands the result back once the device has
+    run the batch (`early` False)."""
+
+    early = False
 
     def put(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to("cpu")
+        return tensor.to("cpu", non_blocking=True)
 
 
 HOST = Sink()
 
 
 class IpcSink(Sink):
-    """Writes outputs into the client's output buffer; what does not fit goes to the host instead."""
+    """Writes outputs into the client's output buffer; what does not fit goes to the host instead (then
+    synchronously). The reply may leave at launch: the client reads behind the `done` event."""
+
+    early = True
 
     def __init__(self, out: torch.Tensor, done: torch.cuda.Event | None = None):
         self.out = out

@@ -7,7 +7,7 @@ inputs   the request's tensors ready: body read and decoded, or IPC buffers leas
 prepare  finiteness check, the model resolved, the family's checks, until the work is queued
 queue    queued until its batch starts (the batcher's fill wait included)
 compute  the batch's forward queued on the device and its outputs put (per batch)
-settle   the device finishing that batch after the results were handed back (per batch)
+settle   the device finishing that batch after it was queued (per batch; with the batch before it, if any)
 reply    the results handed back until the reply is written
 """
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from luna_stack.config import Settings
-from luna_stack.gpu.device import gpu_uuid, select_device, select_dtype
+from luna_stack.gpu.device import StreamMarks, gpu_uuid, select_device, select_dtype
 from luna_stack.server.batcher import Batcher
 from luna_stack.server.executor import GpuExecutor
 from luna_stack.server.family import (
@@ -91,7 +91,7 @@ class Service:
             max_delay_ms=policy.max_delay_ms,
             metrics=self.metrics,
             buckets=policy.buckets,
-            settle=(lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else None,
+            marks=StreamMarks(self.device) if self.device.type == "cuda" else None,
         )
         self._done = 0  # requests finished and models loaded: what "idle" watches
         self._touched = asyncio.Event()
@@ -123,7 +123,7 @@ class Service:
         async def compute(work: Work) -> Any:
             self.metrics.stage("prepare", time.monotonic() - entered)
             key = self.family.batch_key(work)
-            return await self.batcher.enqueue(key, work, rows=work.rows, client=client)
+            return await self.batcher.enqueue(key, work, rows=work.rows, client=client, early=sink.early)
 
         try:
             reply = await self.family.serve(
@@ -165,7 +165,7 @@ class Service:
         while True:
             done = self._done
             await asyncio.sleep(seconds)
-            if done == self._done and self.batcher.depth == 0 and not self.executor.busy:
+            if done == self._done and self.batcher.idle and not self.executor.busy:
                 return
 
     async def _idle_work(self, policy: IdlePolicy) -> None:
@@ -186,7 +186,7 @@ class Service:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._touched.wait(), policy.release_s)
                     continue  # more traffic: start over (the event is still set)
-                if self.batcher.depth == 0 and not self.executor.busy:
+                if self.batcher.idle and not self.executor.busy:
                     await self.executor.run(_release_memory, self.device, collect=False)
             except asyncio.CancelledError:
                 raise
@@ -233,6 +233,8 @@ class Service:
             "fill_waits": b.waits,
             "fill_wait_ms": b.wait_seconds * 1000,
             "fill_timeouts": b.wait_timeouts,
+            "in_flight": b.in_flight,
+            "queued_behind": b.queued_behind,
         }
         return {"batching": batching, **self.family.status(list(self.resident))}
 
