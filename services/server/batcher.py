@@ -57,9 +57,7 @@ TURNAROUND_SAMPLES = 32  # per key: recent enough to follow a change of clients,
 RECENT_BATCHES = 64  # the window of the mean batch size in /v1/status
 PIPELINE_DEPTH = 2  # batches in flight: one running, one queued behind it
 LAUNCH_MARGIN_S = 0.002  # a batch filling behind in-flight work is launched this long before it ends
-SPLIT_GAIN = (
-    0.05  # with the device idle, launch without the missing clients only if that ends this much sooner
-)
+SPLIT_GAIN = 0.05  # two alternating groups only when they cycle this much faster than one
 
 
 class DeviceMarks(Protocol):
