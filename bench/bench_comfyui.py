@@ -13,6 +13,10 @@ The floor is measured in the same run, after the clients: the stack's own diffus
 captured CUDA graph of the batch the N clients form (their rows together), times the steps, plus one VAE
 decode per image.
 
+Stack rows come in three frontends: ComfyUI on the GPU stepping through CUDA IPC (`--clients`), ComfyUI
+started with `--cpu` (`--cpu-frontends`) and ComfyUI on the GPU sampling on the host
+(`--host-sampling`, LUNA_SAMPLE_ON_HOST=1); README, "Which frontend".
+
 Parity: the first image of client 0 is saved in both modes (same seed); the report gives their
 difference (the same weights through ComfyUI's modules and through the stack's).
 
