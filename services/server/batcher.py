@@ -12,15 +12,17 @@ behind an event) are handed back at launch; results read on the host wait for th
 Without a device (`marks` None) a batch is finished when its function returns.
 
 Filling a batch: clients step in a loop (send a step, get the result, send the next), so the clients
-whose results were just delivered come back after a client turnaround (reply, the sampler's own work, the
-next request). Whether a batch waits for them depends on what the device is doing:
-- while batches are in flight, waiting costs the device nothing: the batch waits for the recently active
-  clients not in flight until just before the in-flight work is estimated to end (`BatchCosts`);
-- with the device idle, it waits only when the merged forward finishes both sooner than launching now and
-  running the missing clients' rows behind it (GPU-bound forwards cost about their rows, so two groups
-  that alternate, each queued while the other runs, beat one group the device idles for), and at most
-  min(`max_delay_ms`, the key's measured turnaround × `FILL_MARGIN`) from when the device freed or the
-  oldest request arrived, whichever is later. Before costs are measured it waits like that too.
+whose results were just delivered come back after a client turnaround T (reply, the sampler's own work,
+the next request). The batcher plans one of two shapes per key from what it measured (`BatchCosts`: the
+device time per padded size; T, a high quantile of recent turnarounds):
+- two groups, half the key's active rows each, when max(c(a) + c(b), T + max(c(a), c(b))) beats
+  c(a + b) + T by SPLIT_GAIN: each group fills while the other runs, waiting for its missing clients
+  until just before the running batch is estimated to end, and is queued behind it, so the device runs
+  back to back (on a GPU a GPU-bound forward costs about its rows: two halves win by about T);
+- otherwise one group: a batch waits for every recently active client, one still in flight until its
+  batch is done, then at most min(`max_delay_ms`, T × `FILL_MARGIN`) from when the device freed or the
+  oldest request arrived, whichever is later (and no less while other batches still run). Before costs
+  and T are measured, and without a device, it is always one group.
 A lone client never waits (everyone recent is waiting); a client that stopped stepping is waited for once
 in vain and then not again until it sends, and is forgotten after a staleness window.
 
