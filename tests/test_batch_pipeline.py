@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import pytest
 
-from luna_stack.server.batch_costs import BatchCosts
+from luna_stack.server.batch_costs import MAX_KEYS, BatchCosts
 from luna_stack.server.batcher import Batcher
 from luna_stack.server.executor import GpuExecutor
 
@@ -139,5 +139,6 @@ def test_batch_costs_follow_new_samples_and_fit_sizes_not_run() -> None:
     for _ in range(20):  # a graph captured: the same size now costs less
         costs.observe("k", 16, 0.040)
     assert costs.estimate("k", 16) == pytest.approx(0.040, abs=0.001)
-    costs.forget({"other"})
-    assert costs.estimate("k", 16) is None
+    for other in range(MAX_KEYS):  # costs outlive idle spells; only keys least recently run go
+        costs.observe(("other", other), 2, 0.01)
+    assert costs.estimate("k", 16) is None and costs.estimate(("other", 0), 2) == 0.01

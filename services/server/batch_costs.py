@@ -8,23 +8,24 @@ H200: 12 ms for 2 rows, 27 for 8, 50 for 16); from one size alone nothing is ext
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 
 EMA = 0.3  # weight of a new sample: follows a change (a graph captured, eager -> replay) within a few
+MAX_KEYS = 64  # keys kept, least recently run dropped first (a key is a model and shape, not a client)
 
 
 class BatchCosts:
     def __init__(self) -> None:
-        self._by_key: dict[Hashable, dict[int, float]] = {}
+        self._by_key: OrderedDict[Hashable, dict[int, float]] = OrderedDict()
 
     def observe(self, key: Hashable, rows: int, seconds: float) -> None:
         sizes = self._by_key.setdefault(key, {})
+        self._by_key.move_to_end(key)
         old = sizes.get(rows)
         sizes[rows] = seconds if old is None else old + EMA * (seconds - old)
-
-    def forget(self, keep: set[Hashable]) -> None:
-        for gone in self._by_key.keys() - keep:
-            del self._by_key[gone]
+        if len(self._by_key) > MAX_KEYS:
+            self._by_key.popitem(last=False)
 
     def estimate(self, key: Hashable, rows: int) -> float | None:
         """Seconds a batch of `rows` (padded) takes on `key`; None for a size not run, unless two ran."""

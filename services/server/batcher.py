@@ -285,10 +285,8 @@ class Batcher(Generic[I, R]):
         now = time.monotonic()
         for stale in [k for k, s in self._seen.items() if now - s.enqueued > self._window()]:
             del self._seen[stale]
-        active = {k for k, _ in self._seen}
-        for gone in self._turnarounds.keys() - active:
+        for gone in self._turnarounds.keys() - {k for k, _ in self._seen}:
             del self._turnarounds[gone]
-        self.costs.forget(active | {p.key for p in self._pending})
 
     def _flying_clients(self) -> set[str]:
         return {p.client for f in self._flying for p in f.batch}
