@@ -15,6 +15,7 @@ from luna_stack.client.held import HeldInputs
 from luna_stack.client.http import AsyncClient
 from luna_stack.devtools.embedded import EmbeddedService, free_port
 from luna_stack.server.held import MIN_ENTRY_BYTES, HeldSpec, HeldTensors
+from luna_stack.server.routes import HELD
 from luna_stack.unet.family import build
 from luna_stack.wire.errors import BadRequest, UnknownReference
 
@@ -242,3 +243,16 @@ def test_a_reference_needs_the_same_bits_and_a_confirmed_keep() -> None:
     refused = held.plan({"c": torch.ones(4)}, ("c",))
     held.confirm(refused, {"kept": []})  # over the service's budget
     assert not held.plan({"c": torch.ones(4)}, ("c",)).use
+
+
+async def test_a_quiet_clients_tensors_are_dropped_without_anyone_looking(
+    models_dir: Path, start_service
+) -> None:
+    unet = start_service(build, make_settings(models_dir, LUNA_HELD_IDLE_S="1"))
+    async with AsyncClient("unet", url=unet.url, name="leaves") as client:
+        await _step(client, sdxl_inputs(0))
+    store = unet.app[HELD]
+    assert store.describe()["entries"] == 2
+    await asyncio.sleep(2.0)  # idle 1 s, swept every 0.25 s: no request and no status call meanwhile
+    assert store.stats.evicted == 2  # counted by the sweep before anything asks
+    assert store.describe()["entries"] == 0

@@ -5,8 +5,9 @@ A call takes an idle channel (a registered input buffer and output buffer; one p
 copies its GPU inputs into the input buffer, records the channel's `ready` event and sends their places.
 The reply says where the outputs lie in the output buffer; this stream waits on the service's `done` event
 and clones them out (a device-to-device copy) so the buffer can serve the next call. Neither side blocks
-on the GPU (a service without events: the client synchronises instead). Whenever IPC cannot work the
-call goes over HTTP and the reason is logged once.
+on the GPU for the exchange (a service without events: the client synchronises instead); the pack's held
+inputs (client/held.py) compare each step's sticky tensors with `torch.equal`, which does. Whenever IPC
+cannot work the call goes over HTTP and the reason is logged once.
 """
 
 from __future__ import annotations
@@ -116,7 +117,11 @@ class IpcTransport:
             raise
         events = None
         if ready is not None and reply.get("done_event"):
-            done = torch.cuda.Event.from_ipc_handle(device, bytes.fromhex(reply["done_event"]))
+            try:
+                done = torch.cuda.Event.from_ipc_handle(device, bytes.fromhex(reply["done_event"]))
+            except RuntimeError as exc:  # the service writes behind an event we cannot wait on: not usable
+                await self._release(_Buffer(memory, reply["buffer"], None))
+                raise IpcUnavailable(f"the service's CUDA event does not open here ({exc})") from None
             events = _Events(ready, done)
         return _Buffer(memory, reply["buffer"], events)
 

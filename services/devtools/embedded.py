@@ -33,6 +33,12 @@ class EmbeddedService:
             target=self._loop.run_forever, name=f"{service.kind}-server", daemon=True
         )
 
+    @property
+    def app(self) -> web.Application:
+        """The running aiohttp application (tests read the state its routes keep)."""
+        assert self._runner is not None, "start() first"
+        return self._runner.app
+
     def start(self) -> EmbeddedService:
         self._thread.start()
 

@@ -343,7 +343,7 @@ class GraphRunner:
             reason = "rows"
         elif lora and self.bank is None:
             reason = "lora"
-        elif shape not in self.shapes and len(self.shapes) >= self.config.max_shapes:
+        elif shape not in (shapes := self.shapes) and len(shapes) >= self.config.max_shapes:
             reason = "shapes"
         scale, window = None, None
         if reason is None and lora:

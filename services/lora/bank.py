@@ -22,6 +22,7 @@ it adapts, in every LoRA forward, for the few files that adapt them.
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ from torch import nn
 from luna_stack.lora.resolve import ResolvedLora
 from luna_stack.lora.side import LoraSlots, Stack
 from luna_stack.wire.errors import BadRequest
+
+log = logging.getLogger(__name__)
 
 Window = tuple[int, int]  # slots [lo, hi) a graph's side path reads
 
@@ -103,13 +106,27 @@ class LoraBank:
     def allocated(self) -> bool:
         return bool(self.down) or not self.features
 
-    def allocate(self) -> None:
-        """The zeroed factor buffers of every banked module (once)."""
+    def allocate(self) -> bool:
+        """The zeroed factor buffers of every banked module (once), all or none: False when the device has
+        no room for them now (the batch then runs without the bank; a later LoRA batch tries again)."""
         if self.allocated:
-            return
-        for name, (fan_in, fan_out) in self.features.items():
-            self.down[name] = torch.zeros(self.width, fan_in, dtype=self.dtype, device=self.device)
-            self.up[name] = torch.zeros(fan_out, self.width, dtype=self.dtype, device=self.device)
+            return True
+        down: dict[str, torch.Tensor] = {}
+        up: dict[str, torch.Tensor] = {}
+        try:
+            for name, (fan_in, fan_out) in self.features.items():
+                down[name] = torch.zeros(self.width, fan_in, dtype=self.dtype, device=self.device)
+                up[name] = torch.zeros(fan_out, self.width, dtype=self.dtype, device=self.device)
+        except torch.OutOfMemoryError:
+            log.warning(
+                "LoRA bank: no device memory for the factor buffers of %d modules; LoRA batches run eager",
+                len(self.features),
+            )
+            return False
+        # Whole dicts swapped in (`down` last: `allocated` reads it): /v1/status may read them meanwhile.
+        self.up = up
+        self.down = down
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -155,7 +172,8 @@ class LoraBank:
         for a in wanted:
             if model is not None and not a.belongs_to(model):
                 raise ValueError(f"LoRA {a.name} was resolved against another model than this bank's")
-        self.allocate()
+        if not self.allocate():
+            return None
         slot_of = {a: s for a in wanted if (s := self._slot_of(a)) is not None}
         self.hits += len(slot_of)
         taken = set(slot_of.values())
@@ -224,7 +242,8 @@ class LoraBank:
     def active(self, scale: torch.Tensor, window: Window) -> Iterator[None]:
         """Forwards inside add the bank's side path over slots `window`, rows weighted by `scale`
         [rows, slots in window · r_max] (what gets captured)."""
-        self.allocate()
+        if not self.allocate():
+            raise torch.OutOfMemoryError("LoRA bank: no device memory for its factor buffers")
         with self.slots.use_bank(self, scale, window):
             yield
 

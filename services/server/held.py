@@ -127,7 +127,7 @@ class HeldTensors:
     # -- requests -----------------------------------------------------------------------------------
     def resolve(self, client: str, spec: HeldSpec, sent: Mapping[str, torch.Tensor]) -> Tensors:
         """The request's tensors: those it sent, on the device, and those it refers to."""
-        self._sweep()
+        self.sweep()
         self._seen[client] = self._clock()
         spec.check_sent(sent)
         found, missing = {}, []
@@ -204,7 +204,7 @@ class HeldTensors:
         self._bytes -= entry.cost
         self.stats.evicted += evicted
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         """Drop the entries of clients idle longer than idle_s (checked at most every SWEEP_EVERY_S)."""
         now = self._clock()
         if now - self._swept < SWEEP_EVERY_S:
@@ -217,7 +217,7 @@ class HeldTensors:
             del self._seen[client]
 
     def describe(self) -> dict[str, Any]:
-        self._sweep()
+        self.sweep()
         return {
             "entries": len(self._entries),
             "bytes": self._bytes,

@@ -53,6 +53,7 @@ class Events:
 
     ready: torch.cuda.Event  # the client's: recorded after it wrote a request's inputs
     done: torch.cuda.Event  # ours: recorded after the request's outputs are written
+    polled: bool = True  # `ready` is polled from the host; False once it was not seen complete in time
 
     @classmethod
     def open(cls, ready_handle: bytes, device: torch.device) -> Events:
@@ -140,7 +141,6 @@ class IpcBuffers:
         idle_s: float,
     ):
         self.device = device
-        self._poll_ready = True
         self.gpu_uuid = gpu_uuid
         self.executor = executor
         self.idle_s = idle_s
@@ -270,26 +270,27 @@ class IpcBuffers:
         events = leased[0].events
         try:
             if events is not None:
-                await self._written(events.ready, client)
+                await self._written(events, client)
             yield inputs, IpcSink(leased[0].opened.tensor, events.done if events is not None else None)
         finally:
             for mapped in leased:
                 mapped.in_use -= 1
 
-    async def _written(self, ready: torch.cuda.Event, client: str) -> None:
+    async def _written(self, events: Events, client: str) -> None:
         """Until the client's inputs are written. Its `ready` event is polled from the host, so no stream of
         this service depends on a client's GPU work (a client whose event never completes holds up only its
-        own request). Should an event not complete within READY_POLL_S, this service's streams wait on the
-        events on the GPU from then on (the ordering the polling replaces; logged once)."""
-        if self._poll_ready:
+        own request). Should a buffer's event not complete within READY_POLL_S, this service's streams wait
+        on that buffer's events on the GPU from then on (the ordering the polling replaces; logged)."""
+        ready = events.ready
+        if events.polled:
             deadline = time.monotonic() + READY_POLL_S
             pause = 1e-4
             while not _complete(ready):  # the pack synchronises before it sends: usually done at once
                 if time.monotonic() > deadline:
-                    self._poll_ready = False
+                    events.polled = False
                     log.warning(
                         "IPC: client %s's inputs were not written within %.2f s of its request; this "
-                        "service's streams wait on clients' ready events from now on",
+                        "service's streams wait on that buffer's ready event from now on",
                         client,
                         READY_POLL_S,
                     )
@@ -303,12 +304,14 @@ class IpcBuffers:
 
     async def put_rest(self, sink: IpcSink, tensors: Mapping[str, torch.Tensor]) -> None:
         """Place outputs a service returned without putting them (host tensors, cached results), on a
-        stream of their own so the copy does not wait behind the next forward."""
+        stream of their own so the copy does not wait behind the next forward (device tensors wait for
+        what the compute stream has queued so far, which may include a batch queued behind)."""
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
 
         def put_all() -> None:
-            self._side.wait_stream(torch.cuda.default_stream(self.device))  # what computed them
+            if any(t.is_cuda for t in tensors.values()):  # host tensors are complete already
+                self._side.wait_stream(torch.cuda.default_stream(self.device))  # what computed them
             with torch.cuda.stream(self._side):
                 for name, tensor in tensors.items():
                     if name not in sink.placed:

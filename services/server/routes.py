@@ -269,8 +269,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _sweep_held(app: web.Application) -> Any:
+    """Held tensors of clients gone quiet are dropped on time, not only when a request or a status call
+    looks at the store (the last client's conditioning would otherwise stay on the device)."""
+    held = app[HELD]
+
+    async def sweep() -> None:
+        while True:
+            await asyncio.sleep(min(60.0, held.idle_s / 4))
+            held.sweep()
+
+    task = asyncio.create_task(sweep())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def add_routes(app: web.Application, kind: str) -> None:
     app[HELD] = HeldTensors.of(app[SERVICE].device, app[SERVICE].settings.core)
+    app.cleanup_ctx.append(_sweep_held)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
     app.router.add_get("/v1/status", status)
