@@ -224,7 +224,7 @@ def run_clients(
             str(work / f"out{i}.json"),
             *(["--pack"] if pack else []),
             *(["--save-first", str(work / "first.safetensors")] if i == 0 else []),
-            *([f"--wait-ready={wait_ready}"] if wait_ready else []),
+            *([f"--wait-ready={wait_ready}", f"--timeout-s={args.timeout_s}"] if wait_ready else []),
             *[f"--comfy-arg={a}" for a in (*args.comfy_arg, *comfy_args)],
         ]
         log = (work / f"log{i}.txt").open("w")
@@ -280,11 +280,9 @@ def _captured(url: str | None, timeout_s: float) -> float | None:
     if not url:
         return None
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as reply:
-            models = json.load(reply)["graphs"]["models"]
-        if not any(m.get("pending") for m in models):
-            break
+    while any(m.get("pending") for m in _status(url)["graphs"]["models"]):
+        if time.monotonic() - started > timeout_s:
+            raise SystemExit(f"graph captures still pending after {timeout_s:.0f} s: no steady state to time")
         time.sleep(0.2)
     return time.monotonic() - started
 
@@ -293,8 +291,7 @@ def _batching(url: str | None) -> tuple[int, int] | None:
     """(batches, rows) the unet service has run so far."""
     if not url:
         return None
-    with urllib.request.urlopen(f"{url}/v1/status", timeout=10) as reply:
-        b = json.load(reply)["batching"]
+    b = _status(url)["batching"]
     return b["batches"], b["rows"]
 
 

@@ -2,9 +2,10 @@
 pipelines (N ComfyUI instances, each with its own UNet): total used memory of the GPU from NVML, read
 while all N clients are alive, after their steps (SDXL 1024², batch 2 = CFG).
 
-- stack_http: one `luna-stack serve unet` process with its defaults (batching on; on CUDA, graphs
-  captured in the background for the keys the steps used, batch sizes that gain nothing left eager,
-  cached eager activations released once the service idles) and N client processes
+- stack_http: one `luna-stack serve unet` process (batching on; on CUDA every bucket's graph captured
+  before ready, graph_capture=start, so the reading holds the graphs a steady service holds — the default
+  background capture would not have run yet when the clients finish; batch sizes that gain nothing left
+  eager) and N client processes
   sending steps as host tensors over HTTP (they never touch CUDA);
 - stack_http_eager: the same with unet.graphs off: the caching allocator grows with the merged batch
   (batching trades activation memory, up to unet.max_batch rows, for throughput);
@@ -42,7 +43,7 @@ from .common import print_table, service_process
 
 # Service settings per stack mode (a setting this version lacks is ignored); None = in-process clients.
 MODES: dict[str, dict[str, str] | None] = {
-    "stack_http": {},
+    "stack_http": {"LUNA_UNET_GRAPH_CAPTURE": "start"},  # its graphs held while measured, as in steady state
     "stack_http_eager": {"LUNA_UNET_GRAPHS": "false"},
     "stack_http_unbatched": {"LUNA_UNET_GRAPHS": "false", "LUNA_UNET_BATCHING": "false"},
     "in_process": None,

@@ -130,7 +130,13 @@ def main() -> None:
                 write_unet(path, family, "full", dtype=torch.float16)
             else:
                 wire_width_unet(path, family)
-        env = {"LUNA_MODEL_ROOTS": str(root), "LUNA_DEVICE": args.device, "LUNA_DTYPE": "fp16"}
+        # Graphs captured before ready: back-to-back steps leave no idle time for background captures.
+        env = {
+            "LUNA_MODEL_ROOTS": str(root),
+            "LUNA_DEVICE": args.device,
+            "LUNA_DTYPE": "fp16",
+            "LUNA_UNET_GRAPH_CAPTURE": "start",
+        }
         with service_process("unet", env) as url:
             dead = f"http://127.0.0.1:{free_port()}"
             svc = Services(PackSettings({"clip": dead, "vae": dead, "unet": url}, None, None))

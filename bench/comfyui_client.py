@@ -55,20 +55,13 @@ def _sink_node(kept: dict[str, Any]) -> type:
     return BenchImageSink
 
 
-def _wait_ready(urls: list[str], timeout_s: float = 600) -> None:
+def _wait_ready(urls: list[str], timeout_s: float) -> None:
     """Poll each service's /health/ready (what ComfyUI's user does after `luna-stack run`)."""
-    import urllib.error
-    import urllib.request
+    from luna_stack.devtools.supervisor import ready
 
     deadline = time.monotonic() + timeout_s
     for url in urls:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
+        while not ready(url)[0]:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{url} not ready after {timeout_s:.0f} s")
             time.sleep(0.05)
@@ -94,6 +87,7 @@ def main() -> int:
         help="comma-separated service URLs: run the first image once all answer /health/ready (a cold start: "
         "this process and the services were started together)",
     )
+    parser.add_argument("--timeout-s", type=float, default=540, help="how long --wait-ready waits")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -142,7 +136,7 @@ def main() -> int:
             raise SystemExit(f"the workflow failed: {errors}")
 
     imported = time.time()
-    _wait_ready([u for u in args.wait_ready.split(",") if u])
+    _wait_ready([u for u in args.wait_ready.split(",") if u], args.timeout_s)
     ready = time.time()
     run(0)
     first = time.time()

@@ -76,7 +76,7 @@ class RemoteDiffusionModel(torch.nn.Module):
         out = self.services.unet_step(
             self.model_name, x, timesteps, context, y, control, stack_in(options), guidance, self.wire_dtype
         )
-        return out.to(device=x.device, dtype=x.dtype)
+        return out.to(x.device)  # in x's dtype already (Services.unet_step)
 
 
 def comfy_family(info: dict[str, Any]) -> str:
